@@ -1,0 +1,79 @@
+"""Serve the refresh and watcher deployments from this machine (Prefect OSS).
+
+- `model-refresh/nightly`: runs at 02:00 UTC every night and can be started by hand from
+  the Prefect UI with a form for its typed parameters; it also runs whenever the watcher
+  announces a new commit, for exactly that commit sha.
+- `watch-models/hub-poll`: checks the Hub every 10 minutes.
+
+Run with `python -m deployments.serve` while a Prefect server is up
+(`prefect server start --host 127.0.0.1`) and PREFECT_API_URL points at it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from prefect import serve
+from prefect.client.schemas.objects import (
+    ConcurrencyLimitConfig,
+    ConcurrencyLimitStrategy,
+)
+from prefect.events import DeploymentEventTrigger
+
+from flows.model_refresh import model_refresh
+from flows.watch_models import NEW_REVISION_EVENT, watch_models
+
+NIGHTLY_CRON = "0 2 * * *"
+WATCH_INTERVAL_SECONDS = 600
+
+
+def refresh_trigger() -> DeploymentEventTrigger:
+    """Run the refresh for the sha in the watcher's event, never for a moving branch."""
+    return DeploymentEventTrigger(
+        name="new-model-revision",
+        expect={NEW_REVISION_EVENT},
+        match={"prefect.resource.id": "huggingface.model.*"},
+        parameters={
+            "request": {
+                "repo_id": "{{ event.payload.repo_id }}",
+                "revision": "{{ event.payload.sha }}",
+                "target_config": "{{ event.payload.target_config }}",
+            }
+        },
+    )
+
+
+def build_deployments(target_config: str, repo_id: str) -> list:
+    request = {"repo_id": repo_id, "revision": "main", "target_config": target_config}
+    refresh = model_refresh.to_deployment(
+        name="nightly",
+        cron=NIGHTLY_CRON,
+        parameters={"request": request},
+        triggers=[refresh_trigger()],
+        # One refresh at a time per target: a second one waits instead of racing.
+        concurrency_limit=ConcurrencyLimitConfig(
+            limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
+        ),
+        tags=["model-refresh"],
+        description="Refresh the LLM and MCP services to a model revision",
+    )
+    watcher = watch_models.to_deployment(
+        name="hub-poll",
+        interval=WATCH_INTERVAL_SECONDS,
+        parameters={"request": request},
+        tags=["model-refresh"],
+        description="Announce new commits of the served model",
+    )
+    return [refresh, watcher]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="deployments/targets/local.yaml")
+    parser.add_argument("--repo-id", default="local-models/tiny-llama")
+    args = parser.parse_args()
+    serve(*build_deployments(args.target, args.repo_id))
+
+
+if __name__ == "__main__":
+    main()

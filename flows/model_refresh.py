@@ -1,0 +1,245 @@
+"""The main job: refresh the LLM and MCP services to a model revision, safely.
+
+Steps: resolve the revision to a commit sha; stop when that sha already serves;
+download and verify the serving files; build and push both images; rotate the API key;
+deploy both services as tagged candidates; check them; promote, or roll back on a
+failed check; keep the anomaly alerts in place; write the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.logging import get_run_logger
+from tasks.image import build_llm_image, build_mcp_image, ensure_repository
+
+from tasks.alerts import ensure_anomaly_alerts
+from tasks.checks import (
+    CheckResult,
+    check_service,
+    mint_probe_identity,
+    probe_llm_chat,
+    probe_mcp_tools,
+)
+from tasks.clients import Clients, clients_for
+from tasks.config import RefreshConfig, RefreshRequest, load_config, parse_request
+from tasks.deploy import (
+    Candidate,
+    Serving,
+    deploy_candidate,
+    in_use_versions,
+    llm_template,
+    mcp_template,
+    promote,
+    read_serving,
+    refresh_is_current,
+    roll_back,
+    set_invokers,
+)
+from tasks.errors import GateFailed, RefreshError
+from tasks.model import ModelRevision, download_model, resolve_model_revision
+from tasks.report import build_report, write_report
+from tasks.secrets import access_secret, rotate_api_key
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LLM_HEALTH_PATH = "/health"
+MCP_HEALTH_PATH = "/healthz"
+
+
+def resolve_config_path(path: str) -> Path:
+    """Resolve a relative config path against the working folder, then the repo."""
+    candidate = Path(path)
+    if candidate.is_absolute() or candidate.exists():
+        return candidate
+    return REPO_ROOT / candidate
+
+
+@flow(name="model-refresh", log_prints=False)
+def model_refresh(request: RefreshRequest | None = None) -> dict[str, Any]:
+    """Refresh both services to the requested model revision and return the report."""
+    request = parse_request(request or RefreshRequest())
+    config = load_config(resolve_config_path(request.target_config))
+    clients = clients_for(config.target)
+
+    revision = resolve_model_revision(request, clients.hub_endpoint)
+    llm_serving = read_serving(clients, config.llm.name)
+    mcp_serving = read_serving(clients, config.mcp.name)
+    if not request.force and all(
+        refresh_is_current(serving, revision.sha)
+        for serving in (llm_serving, mcp_serving)
+    ):
+        return _finish(
+            config,
+            revision,
+            status="skipped",
+            message=f"{revision.sha} already serves on both services; nothing to do.",
+            servings={"llm": llm_serving, "mcp": mcp_serving},
+        )
+
+    files = download_model(revision, clients.hub_endpoint)
+    ensure_repository(clients)
+    llm_image = build_llm_image(clients, config, revision, files)
+    mcp_image = build_mcp_image(clients, config)
+    key = rotate_api_key(
+        clients, config.llm.api_key_secret, in_use_versions(llm_serving, mcp_serving)
+    )
+
+    candidates: list[Candidate] = []
+    try:
+        llm = deploy_candidate(
+            clients, config.llm, llm_template(config.llm, llm_image, key, revision.sha)
+        )
+        candidates.append(llm)
+        set_invokers(clients, config.llm)
+        mcp = deploy_candidate(
+            clients,
+            config.mcp,
+            mcp_template(config.mcp, mcp_image, revision.repo_id, revision.sha),
+        )
+        candidates.append(mcp)
+        set_invokers(clients, config.mcp)
+        checks = run_gate(clients, config, llm, mcp, access_secret(clients, key))
+    except Exception:
+        get_run_logger().exception("Deploy failed; rolling back the candidates")
+        for candidate in candidates:
+            roll_back(clients, candidate)
+        raise
+
+    passed = all(check.passed for check in checks)
+    for candidate in candidates:
+        promote(clients, candidate) if passed else roll_back(clients, candidate)
+    alerts = ensure_anomaly_alerts(clients, config)
+
+    report = _finish(
+        config,
+        revision,
+        status="deployed" if passed else "rolled-back",
+        message=(
+            f"{revision.sha} deployed and promoted on both services."
+            if passed
+            else f"{sum(not c.passed for c in checks)} checks failed; the previous "
+            "revisions keep serving."
+        ),
+        servings={"llm": llm_serving, "mcp": mcp_serving},
+        images={"llm": llm_image, "mcp": mcp_image},
+        candidates={"llm": llm, "mcp": mcp},
+        checks=checks,
+        secret_version=key.name,
+        alerts={"metrics": list(alerts.metrics), "policies": list(alerts.policies)},
+    )
+    if not passed:
+        raise GateFailed(f"post-deploy checks failed; report: {report['report_path']}")
+    return report
+
+
+def run_gate(
+    clients: Clients,
+    config: RefreshConfig,
+    llm: Candidate,
+    mcp: Candidate,
+    api_key: str,
+) -> list[CheckResult]:
+    """Run every check against both candidates; the results decide promotion."""
+    checks: list[CheckResult] = []
+    llm_identity = mint_probe_identity(
+        clients, llm.service_url, config.probe_principal, config.outsider_principal
+    )
+    checks += check_service(clients, config.llm, llm, llm_identity, LLM_HEALTH_PATH)
+    checks.append(
+        probe_llm_chat(config.llm, llm.tag_url, llm_identity.invoker_token, api_key)
+    )
+    mcp_identity = mint_probe_identity(
+        clients, mcp.service_url, config.probe_principal, config.outsider_principal
+    )
+    checks += check_service(clients, config.mcp, mcp, mcp_identity, MCP_HEALTH_PATH)
+    checks.append(probe_mcp_tools(config.mcp, mcp.tag_url, mcp_identity.invoker_token))
+    return checks
+
+
+def _finish(
+    config: RefreshConfig,
+    revision: ModelRevision,
+    *,
+    status: str,
+    message: str,
+    servings: dict[str, Serving | None],
+    images: dict[str, str] | None = None,
+    candidates: dict[str, Candidate] | None = None,
+    checks: list[CheckResult] | None = None,
+    secret_version: str | None = None,
+    alerts: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    revisions: dict[str, dict[str, Any]] = {}
+    urls: dict[str, str] = {}
+    for key, serving in servings.items():
+        candidate = (candidates or {}).get(key)
+        entry: dict[str, Any] = {"previous": serving.revision if serving else None}
+        if candidate is not None:
+            entry["candidate"] = candidate.revision
+            entry["serving"] = (
+                candidate.revision if status == "deployed" else entry["previous"]
+            )
+            urls[key] = candidate.service_url
+            urls[f"{key}-candidate"] = candidate.tag_url
+        else:
+            entry["serving"] = entry["previous"]
+            if serving is not None:
+                urls[key] = serving.uri
+        revisions[key] = entry
+    report = build_report(
+        status=status,
+        repo_id=revision.repo_id,
+        requested_revision=revision.requested,
+        model_sha=revision.sha,
+        target=f"{config.target.kind}:{config.target.project}/{config.target.region}",
+        images=images or {},
+        revisions=revisions,
+        urls=urls,
+        checks=checks or [],
+        secret_version=secret_version,
+        alerts=alerts,
+        message=message,
+    )
+    report["report_path"] = str(write_report(report, config.report_dir))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Refresh the LLM and MCP services")
+    parser.add_argument("--repo-id", default=RefreshRequest().repo_id)
+    parser.add_argument("--revision", default="main", help="branch, tag or commit sha")
+    parser.add_argument(
+        "--target",
+        default=RefreshRequest().target_config,
+        help="target config YAML (default: the localcloud target)",
+    )
+    parser.add_argument("--force", action="store_true", help="redeploy even if current")
+    args = parser.parse_args(argv)
+
+    try:
+        request = parse_request(
+            {
+                "repo_id": args.repo_id,
+                "revision": args.revision,
+                "target_config": args.target,
+                "force": args.force,
+            }
+        )
+        report = model_refresh(request)
+    except GateFailed as exc:
+        print(f"model-refresh: {exc}", file=sys.stderr)
+        return 1
+    except RefreshError as exc:
+        print(f"model-refresh: {exc}", file=sys.stderr)
+        return 2
+    print(f"status: {report['status']}")
+    print(f"report: {report['report_path']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

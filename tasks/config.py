@@ -1,0 +1,377 @@
+"""Typed configuration: the target a refresh deploys to and the request a run serves.
+
+Every rule here runs before any cloud call. A message names the field, shows the value
+and says how to fix it, because the same models back the Prefect UI form.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from tasks.errors import ConfigError
+
+# Cloud Run GPU types, from the Cloud Run GPU documentation (December 2026).
+GPU_TYPES = ("nvidia-l4", "nvidia-rtx-pro-6000")
+PUBLIC_PRINCIPALS = ("allUsers", "allAuthenticatedUsers")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+
+SERVING_PATTERNS = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+]
+
+# Hugging Face repository ids are namespace/name with letters, digits, '-', '_' and '.',
+# no '--' or '..', at most 96 characters per part (huggingface_hub's validate_repo_id).
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+_SERVICE_ID = re.compile(r"^[a-z](?:[a-z0-9-]{0,47}[a-z0-9])?$")
+_PROJECT_ID = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
+_SECRET_ID = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+_REPOSITORY_ID = re.compile(r"^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_SA_EMAIL = re.compile(
+    r"^[a-z][a-z0-9-]{4,28}[a-z0-9]@[a-z][a-z0-9-]{4,28}[a-z0-9]\.iam\.gserviceaccount\.com$"
+)
+_DEFAULT_COMPUTE_SA = re.compile(r"^\d+-compute@developer\.gserviceaccount\.com$")
+_MEMBER = re.compile(r"^(serviceAccount|user|group|domain|principal|principalSet):\S+$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Target(_Strict):
+    """Where the official clients point: real GCP, or the embedded localcloud."""
+
+    kind: Literal["local", "gcp"] = Field("local", description="local or gcp")
+    project: str = Field(description="Google Cloud project id")
+    region: str = Field(
+        "us-central1", description="Cloud Run and Artifact Registry region"
+    )
+    localcloud_state_dir: str = Field(
+        ".localcloud", description="State folder of the localcloud to use (local only)"
+    )
+    hub_endpoint: str | None = Field(
+        None, description="Hugging Face Hub URL; local targets read localcloud's"
+    )
+    artifact_repository: str = Field(
+        "model-refresh", description="Artifact Registry Docker repository id"
+    )
+    python_base_image: str = Field(
+        description="Base image of the app images (pin by digest on GCP)"
+    )
+    llm_base_image: str = Field(description="Base image of the LLM engine image")
+
+    @field_validator("project")
+    @classmethod
+    def _project_id(cls, value: str) -> str:
+        if not _PROJECT_ID.match(value):
+            raise ValueError(
+                f"project {value!r} is not a valid project id: use 6-30 lowercase "
+                "letters, digits or hyphens, starting with a letter"
+            )
+        return value
+
+    @field_validator("artifact_repository")
+    @classmethod
+    def _repository_id(cls, value: str) -> str:
+        if not _REPOSITORY_ID.match(value):
+            raise ValueError(
+                f"artifact_repository {value!r} is invalid: use lowercase letters, "
+                "digits and hyphens, starting with a letter"
+            )
+        return value
+
+    @property
+    def registry_host(self) -> str:
+        return f"{self.region}-docker.pkg.dev"
+
+    @property
+    def image_repository(self) -> str:
+        return f"{self.registry_host}/{self.project}/{self.artifact_repository}"
+
+
+class Gpu(_Strict):
+    type: str = Field("nvidia-l4", description="Cloud Run GPU type")
+    count: int = Field(1, ge=1, le=1, description="GPUs per instance (Cloud Run: 1)")
+    zonal_redundancy: bool = Field(
+        False, description="Reserve zonal redundancy quota (costs more GPU quota)"
+    )
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        if value not in GPU_TYPES:
+            raise ValueError(
+                f"unknown GPU type {value!r}: Cloud Run offers {', '.join(GPU_TYPES)}"
+            )
+        return value
+
+
+class ServiceSettings(_Strict):
+    name: str = Field(description="Cloud Run service id")
+    service_account: str = Field(
+        description="Dedicated service account the service runs as"
+    )
+    invokers: list[str] = Field(
+        min_length=1, description="IAM members granted roles/run.invoker"
+    )
+    ingress: Literal["internal", "internal-and-cloud-load-balancing"] = Field(
+        "internal", description="Cloud Run ingress; 'all' is not allowed"
+    )
+    max_instances: int = Field(ge=1, le=1000, description="Upper bound on instances")
+    min_instances: int = Field(0, ge=0, le=1000, description="Instances kept warm")
+    cpu: str = Field("1", description="vCPU per instance")
+    memory: str = Field("1Gi", description="Memory per instance")
+    network: str = Field("default", description="VPC network for Direct VPC egress")
+    subnetwork: str = Field("default", description="Subnetwork for Direct VPC egress")
+    allow_external_egress: bool = Field(
+        False, description="Route only private ranges through the VPC"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _service_id(cls, value: str) -> str:
+        if not _SERVICE_ID.match(value):
+            raise ValueError(
+                f"service name {value!r} is invalid: use at most 49 lowercase letters, "
+                "digits or hyphens, starting with a letter"
+            )
+        return value
+
+    @field_validator("service_account")
+    @classmethod
+    def _dedicated_identity(cls, value: str) -> str:
+        if _DEFAULT_COMPUTE_SA.match(value):
+            raise ValueError(
+                f"service_account {value!r} is the Compute Engine default service "
+                "account: create a dedicated service account for this service"
+            )
+        if not _SA_EMAIL.match(value):
+            raise ValueError(
+                f"service_account {value!r} is not a user-managed service account "
+                "email (NAME@PROJECT.iam.gserviceaccount.com)"
+            )
+        return value
+
+    @field_validator("invokers")
+    @classmethod
+    def _private_invokers(cls, members: list[str]) -> list[str]:
+        for member in members:
+            if member in PUBLIC_PRINCIPALS:
+                raise ValueError(
+                    f"invoker {member!r} makes the service public: list the service "
+                    "accounts or groups that may call it instead"
+                )
+            if not _MEMBER.match(member):
+                raise ValueError(
+                    f"invoker {member!r} is not an IAM member: use a prefix such as "
+                    "'serviceAccount:' or 'group:'"
+                )
+        return members
+
+    @model_validator(mode="after")
+    def _instance_bounds(self) -> ServiceSettings:
+        if self.min_instances > self.max_instances:
+            raise ValueError(
+                f"min_instances {self.min_instances} exceeds max_instances "
+                f"{self.max_instances}: lower min_instances"
+            )
+        return self
+
+
+class LlmSettings(ServiceSettings):
+    gpu: Gpu | None = Field(None, description="GPU per instance; none on localcloud")
+    api_key_secret: str = Field("llm-api-key", description="Secret Manager secret id")
+    served_model_name: str = Field("served-model", description="Model id in /v1/models")
+    max_tokens_cap: int = Field(256, ge=1, le=32768, description="Guard max_tokens cap")
+    max_request_bytes: int = Field(
+        65536, ge=1024, le=32 * 1024 * 1024, description="Guard request body cap"
+    )
+    engine_port: int = Field(8081, ge=1024, le=65535, description="Engine sidecar port")
+    engine_command: list[str] = Field(
+        default_factory=lambda: ["python3", "-m", "containers.llm.engine"],
+        min_length=1,
+        description="Engine sidecar command (vLLM's server on GCP)",
+    )
+    startup_timeout_seconds: int = Field(
+        300, ge=10, le=3600, description="Time the engine may take to load the model"
+    )
+
+    @field_validator("api_key_secret")
+    @classmethod
+    def _secret_id(cls, value: str) -> str:
+        if not _SECRET_ID.match(value):
+            raise ValueError(
+                f"api_key_secret {value!r} is not a valid secret id: use letters, "
+                "digits, '-' or '_'"
+            )
+        return value
+
+
+class McpSettings(ServiceSettings):
+    tool_allowlist: list[str] = Field(
+        default_factory=lambda: ["model_card", "lookup_doc"],
+        min_length=1,
+        description="The only MCP tools the server registers",
+    )
+
+
+class AlertSettings(_Strict):
+    notification_email: str = Field(description="Email channel for anomaly alerts")
+    rate_limit_seconds: int = Field(
+        300, ge=300, le=86400, description="Minimum time between notifications"
+    )
+
+
+class RefreshConfig(_Strict):
+    """Everything about a deploy target that does not change from run to run."""
+
+    target: Target
+    llm: LlmSettings
+    mcp: McpSettings
+    probe_principal: str = Field(
+        description="Service account email the live probes mint ID tokens for"
+    )
+    outsider_principal: str = Field(
+        description="Service account without invoker rights, used to prove 403"
+    )
+    alerts: AlertSettings
+    report_dir: str = Field("reports", description="Folder for JSON reports")
+
+    @model_validator(mode="after")
+    def _probe_is_invoker(self) -> RefreshConfig:
+        member = f"serviceAccount:{self.probe_principal}"
+        for service in (self.llm, self.mcp):
+            if member not in service.invokers:
+                raise ValueError(
+                    f"probe_principal {self.probe_principal!r} is not an invoker of "
+                    f"{service.name}: add {member!r} to its invokers"
+                )
+        outsider = f"serviceAccount:{self.outsider_principal}"
+        if outsider in self.llm.invokers or outsider in self.mcp.invokers:
+            raise ValueError(
+                f"outsider_principal {self.outsider_principal!r} is an invoker: pick "
+                "an identity that must be denied"
+            )
+        return self
+
+
+RepoId = Annotated[str, Field(description="Hugging Face model repository (org/name)")]
+
+
+class RefreshRequest(_Strict):
+    """Parameters of one refresh run; the Prefect UI renders them as a form."""
+
+    repo_id: RepoId = "local-models/tiny-llama"
+    revision: str = Field("main", description="Branch, tag or 40-hex commit sha")
+    allow_patterns: list[str] = Field(
+        default_factory=lambda: list(SERVING_PATTERNS),
+        min_length=1,
+        description="Files to download (glob patterns)",
+    )
+    target_config: str = Field(
+        "deployments/targets/local.yaml", description="Path of the target config"
+    )
+    force: bool = Field(False, description="Redeploy even if the sha already serves")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, value: str) -> str:
+        if not _REPO_ID.match(value) or "--" in value or ".." in value:
+            raise ValueError(
+                f"repo_id {value!r} is not a Hugging Face repository id: use "
+                "'namespace/name' with letters, digits, '-', '_' or '.'"
+            )
+        return value
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value: str) -> str:
+        if not value or len(value) > 255 or any(c.isspace() for c in value):
+            raise ValueError(
+                f"revision {value!r} is invalid: give a branch, tag or commit sha"
+            )
+        return value
+
+    @field_validator("allow_patterns")
+    @classmethod
+    def _patterns(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            if not pattern or pattern.startswith("/") or ".." in pattern.split("/"):
+                raise ValueError(
+                    f"allow_patterns entry {pattern!r} can never match a repository "
+                    "file: use a relative glob such as '*.safetensors'"
+                )
+        if not any(_may_match_weights(pattern) for pattern in patterns):
+            raise ValueError(
+                f"allow_patterns {patterns!r} match no safetensors weights: add "
+                "'*.safetensors'"
+            )
+        return patterns
+
+
+def _may_match_weights(pattern: str) -> bool:
+    probes = (
+        "model.safetensors",
+        "model-00001-of-00002.safetensors",
+        "x/y.safetensors",
+    )
+    return pattern.endswith(".safetensors") or any(
+        fnmatch.fnmatch(probe, pattern) for probe in probes
+    )
+
+
+def load_config(path: str | Path) -> RefreshConfig:
+    """Read and validate a target config file; ConfigError lists every problem."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(
+            f"target config {str(file)!r} not found: pass the path of a YAML file such "
+            "as deployments/targets/local.yaml"
+        )
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"target config {str(file)!r} is not valid YAML: {exc}"
+        ) from exc
+    try:
+        return RefreshConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(str(file), exc)) from exc
+
+
+def parse_request(values: RefreshRequest | dict[str, object]) -> RefreshRequest:
+    if isinstance(values, RefreshRequest):
+        return values
+    try:
+        return RefreshRequest.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error("refresh request", exc)) from exc
+
+
+def format_validation_error(source: str, exc: ValidationError) -> str:
+    lines = [f"{source} is invalid:"]
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "(root)"
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"  {field}: {message}")
+    return "\n".join(lines)
