@@ -15,7 +15,6 @@ from typing import Any
 
 from prefect import flow
 from prefect.logging import get_run_logger
-from tasks.image import build_llm_image, build_mcp_image, ensure_repository
 
 from tasks.alerts import ensure_anomaly_alerts
 from tasks.checks import (
@@ -41,6 +40,7 @@ from tasks.deploy import (
     set_invokers,
 )
 from tasks.errors import GateFailed, RefreshError
+from tasks.image import build_llm_image, build_mcp_image, ensure_repository
 from tasks.model import ModelRevision, download_model, resolve_model_revision
 from tasks.report import build_report, write_report
 from tasks.secrets import access_secret, rotate_api_key
@@ -91,14 +91,24 @@ def model_refresh(request: RefreshRequest | None = None) -> dict[str, Any]:
     candidates: list[Candidate] = []
     try:
         llm = deploy_candidate(
-            clients, config.llm, llm_template(config.llm, llm_image, key, revision.sha)
+            clients,
+            config.llm,
+            llm_template(
+                config.llm, llm_image, key, revision.sha, config.target.listen_host
+            ),
         )
         candidates.append(llm)
         set_invokers(clients, config.llm)
         mcp = deploy_candidate(
             clients,
             config.mcp,
-            mcp_template(config.mcp, mcp_image, revision.repo_id, revision.sha),
+            mcp_template(
+                config.mcp,
+                mcp_image,
+                revision.repo_id,
+                revision.sha,
+                config.target.listen_host,
+            ),
         )
         candidates.append(mcp)
         set_invokers(clients, config.mcp)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from prefect.logging import get_run_logger
 
@@ -26,7 +27,7 @@ def model_resource_id(repo_id: str) -> str:
     return f"huggingface.model.{repo_id}"
 
 
-@task(retries=2, retry_delay_seconds=[2, 10])
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
 def resolve_head(repo_id: str, revision: str, hub_endpoint: str) -> str:
     sha = HfApi(endpoint=hub_endpoint).model_info(repo_id, revision=revision).sha
     if not sha:

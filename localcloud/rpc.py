@@ -2,8 +2,8 @@
 
 Requests are decoded and responses encoded with the message classes the client libraries
 ship (proto-plus `Type.deserialize`/`Type.serialize`, or protobuf `FromString`/
-`SerializeToString` for the raw `*_pb2` types), so the bytes on the wire are exactly what
-the real services send.
+`SerializeToString` for the raw `*_pb2` types), so the bytes on the wire are exactly
+what the real services send.
 """
 
 from __future__ import annotations
@@ -60,7 +60,9 @@ def _wrap(method_name: str, func: Callable[[Any], Any]) -> Callable[[Any, Any], 
             context.abort(exc.code, exc.message)
         except Exception:
             logger.exception("%s failed", method_name)
-            context.abort(grpc.StatusCode.INTERNAL, f"{method_name} failed in localcloud")
+            context.abort(
+                grpc.StatusCode.INTERNAL, f"{method_name} failed in localcloud"
+            )
 
     return handler
 
@@ -69,10 +71,11 @@ Method = tuple[Any, Any, Callable[[Any], Any]]
 
 
 def service_handler(service: str, methods: dict[str, Method]) -> grpc.GenericRpcHandler:
-    """Build a generic handler for `service` (for example `google.cloud.run.v2.Services`).
+    """Build a generic handler for `service`, such as `google.cloud.run.v2.Services`.
 
-    `methods` maps each RPC name to (request type, response type, function); the function
-    takes the decoded request and returns the response message, or raises `RpcError`.
+    `methods` maps each RPC name to (request type, response type, function). The
+    function takes the decoded request and returns the response message, or raises
+    `RpcError`.
     """
     handlers = {}
     for name, (request_type, response_type, func) in methods.items():

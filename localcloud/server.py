@@ -1,9 +1,9 @@
-"""The localcloud process: Google APIs over gRPC, an OCI registry, a Hugging Face Hub API and
-the Cloud Run runtime, all bound to loopback and sharing one state folder.
+"""The localcloud process: Google APIs over gRPC, an OCI registry, a Hugging Face Hub
+API and the Cloud Run runtime, all bound to loopback and sharing one state folder.
 
 `LocalCloud` is the context every part receives. Each API module exposes
-`handlers(cloud) -> list[grpc.GenericRpcHandler]`; the runtime, registry and hub are started
-here and reachable through the attributes below.
+`handlers(cloud) -> list[grpc.GenericRpcHandler]`; the runtime, registry and hub are
+started here and reachable through the attributes below.
 """
 
 from __future__ import annotations
@@ -87,7 +87,15 @@ class LocalCloud:
         self.runtime = Runtime(self)
 
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-        for module in (operations, run, secrets, artifacts, logging_api, monitoring, iamcredentials):
+        for module in (
+            operations,
+            run,
+            secrets,
+            artifacts,
+            logging_api,
+            monitoring,
+            iamcredentials,
+        ):
             server.add_generic_rpc_handlers(module.handlers(self))
         port = server.add_insecure_port(f"{LOOPBACK}:0")
         server.start()

@@ -1,8 +1,8 @@
 """A small persistent resource store: one JSON document per resource, grouped by kind.
 
 localcloud keeps every resource here so that state survives a restart of the process, as
-it does in the cloud. Writes go to a temporary file and are renamed into place, so a crash
-never leaves a half-written resource.
+it does in the cloud. Writes go to a temporary file and are renamed into place, so a
+crash never leaves a half-written resource.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""Google-style ID tokens that localcloud signs through IAM Credentials and verifies at each
-service's front door.
+"""Google-style ID tokens that localcloud signs through IAM Credentials and verifies at
+each service's front door.
 
 Tokens are RS256 JWTs with the claims Google puts in service account ID tokens (`iss`,
-`aud`, `sub`, `email`, `email_verified`, `iat`, `exp`). The signing key is created once per
-state folder and kept there, so tokens stay valid across a restart of localcloud.
+`aud`, `sub`, `email`, `email_verified`, `iat`, `exp`). The signing key is created once
+per state folder and kept there, so tokens stay valid across a restart of localcloud.
 """
 
 from __future__ import annotations
@@ -23,14 +23,16 @@ ID_TOKEN_LIFETIME_SECONDS = 3600
 
 
 class InvalidToken(Exception):
-    """The bearer token is missing, malformed, expired, or not an ID token for this audience."""
+    """The bearer token is missing, malformed, expired, or for another audience."""
 
 
 class TokenAuthority:
     def __init__(self, state_dir: Path) -> None:
         key_path = state_dir / "signing-key.pem"
         if key_path.exists():
-            loaded = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            loaded = serialization.load_pem_private_key(
+                key_path.read_bytes(), password=None
+            )
             assert isinstance(loaded, rsa.RSAPrivateKey)
             self._key = loaded
         else:
@@ -49,7 +51,9 @@ class TokenAuthority:
         )
         self.key_id = hashlib.sha256(public_der).hexdigest()[:40]
 
-    def issue_id_token(self, email: str, audience: str, include_email: bool = True) -> str:
+    def issue_id_token(
+        self, email: str, audience: str, include_email: bool = True
+    ) -> str:
         now = int(time.time())
         claims: dict[str, Any] = {
             "iss": ISSUER,
@@ -62,7 +66,9 @@ class TokenAuthority:
         if include_email:
             claims["email"] = email
             claims["email_verified"] = True
-        return jwt.encode(claims, self._key, algorithm="RS256", headers={"kid": self.key_id})
+        return jwt.encode(
+            claims, self._key, algorithm="RS256", headers={"kid": self.key_id}
+        )
 
     def issue_access_token(self) -> str:
         """Return an opaque OAuth-style access token; front doors must reject it."""

@@ -14,6 +14,7 @@ from google.cloud import monitoring_v3
 from google.cloud.logging_v2.types import LogMetric
 from google.protobuf import duration_pb2
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from tasks.clients import Clients
@@ -197,7 +198,7 @@ def ensure_policy(clients: Clients, policy: monitoring_v3.AlertPolicy) -> str:
     return created.name
 
 
-@task(retries=2, retry_delay_seconds=[1, 5])
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
 def ensure_anomaly_alerts(clients: Clients, config: RefreshConfig) -> AlertSummary:
     """Create or update the log metrics and alert policies for the services' events."""
     logger = get_run_logger()

@@ -17,6 +17,7 @@ import httpx
 from google.cloud import run_v2
 from google.iam.v1 import policy_pb2
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from tasks.clients import Clients
@@ -27,8 +28,14 @@ OWASP_LLM = "OWASP Top 10 for LLM Applications 2025"
 OWASP_WEB = "OWASP Top 10 2021"
 PROBE_TIMEOUT_SECONDS = 30.0
 
+# Env names whose words say they hold a secret (API_KEY, HF_TOKEN, DB_PASSWORD), and
+# values shaped like well-known credentials, whatever the name.
 _SECRET_NAME = re.compile(
-    r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE
+    r"(^|_)(API_?KEY|KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?)(_|$)", re.IGNORECASE
+)
+_SECRET_VALUE = re.compile(
+    r"(sk-[A-Za-z0-9_-]{20,}|hf_[A-Za-z0-9]{30,}|AIza[0-9A-Za-z_-]{35}|ya29\.|"
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----|gh[pousr]_[A-Za-z0-9]{36})"
 )
 _DEFAULT_COMPUTE_SA = re.compile(r"^\d+-compute@developer\.gserviceaccount\.com$")
 _PRIVATE_INGRESS = (
@@ -184,7 +191,8 @@ def _no_plaintext_secrets(name: str, revision: run_v2.Revision) -> CheckResult:
         env.name
         for container in revision.containers
         for env in container.env
-        if env.value and _SECRET_NAME.search(env.name)
+        if env.value
+        and (_SECRET_NAME.search(env.name) or _SECRET_VALUE.search(env.value))
     ]
     return _result(
         "secrets.no-plaintext-env",
@@ -217,7 +225,8 @@ def _egress_contained(
         control="Contained egress",
         owasp=f"{OWASP_LLM} LLM04; {OWASP_WEB} A10",
         severity="medium",
-        fix=f"use Direct VPC egress with egress {wanted.name}",
+        fix="use Direct VPC egress with egress "
+        f"{run_v2.VpcAccess.VpcEgress(wanted).name}",
     )
 
 
@@ -409,7 +418,7 @@ async def _list_mcp_tools(url: str, id_token: str) -> list[str]:
     return sorted(tool.name for tool in listed.tools)
 
 
-@task
+@task(cache_policy=NO_CACHE)
 def check_service(
     clients: Clients,
     settings: ServiceSettings,

@@ -18,6 +18,9 @@ from typing import Any
 import grpc
 from google.auth import credentials as ga_credentials
 from google.cloud import artifactregistry_v1, monitoring_v3, run_v2, secretmanager_v1
+from google.cloud.artifactregistry_v1.services.artifact_registry import (
+    transports as artifact_transports,
+)
 from google.cloud.iam_credentials_v1 import IAMCredentialsClient
 from google.cloud.iam_credentials_v1.services.iam_credentials.transports import (
     IAMCredentialsGrpcTransport,
@@ -35,6 +38,11 @@ from google.cloud.monitoring_v3.services.alert_policy_service.transports import 
 )
 from google.cloud.monitoring_v3.services.notification_channel_service import (
     transports as channel_transports,
+)
+from google.cloud.run_v2.services.revisions import transports as revision_transports
+from google.cloud.run_v2.services.services import transports as service_transports
+from google.cloud.secretmanager_v1.services.secret_manager_service import (
+    transports as secret_transports,
 )
 
 from tasks import oci
@@ -93,24 +101,18 @@ def _local_clients(target: Target) -> Clients:
     return Clients(
         target=target,
         services=run_v2.ServicesClient(
-            transport=run_v2.services.services.transports.ServicesGrpcTransport(
-                channel=channel
-            )
+            transport=service_transports.ServicesGrpcTransport(channel=channel)
         ),
         revisions=run_v2.RevisionsClient(
-            transport=run_v2.services.revisions.transports.RevisionsGrpcTransport(
-                channel=channel
-            )
+            transport=revision_transports.RevisionsGrpcTransport(channel=channel)
         ),
         secrets=secretmanager_v1.SecretManagerServiceClient(
-            transport=secretmanager_v1.services.secret_manager_service.transports.SecretManagerServiceGrpcTransport(
+            transport=secret_transports.SecretManagerServiceGrpcTransport(
                 channel=channel
             )
         ),
         artifacts=artifactregistry_v1.ArtifactRegistryClient(
-            transport=artifactregistry_v1.services.artifact_registry.transports.ArtifactRegistryGrpcTransport(
-                channel=channel
-            )
+            transport=artifact_transports.ArtifactRegistryGrpcTransport(channel=channel)
         ),
         logging=LoggingServiceV2Client(
             transport=LoggingServiceV2GrpcTransport(channel=channel)

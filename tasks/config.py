@@ -78,6 +78,10 @@ class Target(_Strict):
         description="Base image of the app images (pin by digest on GCP)"
     )
     llm_base_image: str = Field(description="Base image of the LLM engine image")
+    listen_host: Literal["127.0.0.1", "0.0.0.0"] = Field(
+        "127.0.0.1",
+        description="Address the services bind: loopback on localcloud, all on GCP",
+    )
 
     @field_validator("project")
     @classmethod
@@ -206,6 +210,8 @@ class LlmSettings(ServiceSettings):
         65536, ge=1024, le=32 * 1024 * 1024, description="Guard request body cap"
     )
     engine_port: int = Field(8081, ge=1024, le=65535, description="Engine sidecar port")
+    guard_cpu: str = Field("1", description="vCPU of the guard container")
+    guard_memory: str = Field("512Mi", description="Memory of the guard container")
     engine_command: list[str] = Field(
         default_factory=lambda: ["python3", "-m", "containers.llm.engine"],
         min_length=1,

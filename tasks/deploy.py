@@ -17,6 +17,7 @@ from google.cloud import run_v2
 from google.iam.v1 import policy_pb2
 from google.protobuf import field_mask_pb2
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from tasks.clients import Clients
@@ -79,7 +80,7 @@ def revision_name(
     return name[:63].rstrip("-")
 
 
-@task
+@task(cache_policy=NO_CACHE)
 def read_serving(clients: Clients, service_id: str) -> Serving | None:
     """Return what the service serves now, or None when it does not exist yet."""
     name = service_name(clients, service_id)
@@ -101,8 +102,11 @@ def read_serving(clients: Clients, service_id: str) -> Serving | None:
         except gexc.NotFound:
             continue
         versions.update(_secret_versions(clients, rev.containers))
-        if status.revision == revision:
-            model_sha = rev.labels.get(LABEL_MODEL_SHA)
+        # A sha counts as serving only once a promotion recorded it on the service,
+        # so a first deploy that failed its checks is retried, not skipped.
+        promoted = service.labels.get(LABEL_MODEL_SHA)
+        if status.revision == revision and rev.labels.get(LABEL_MODEL_SHA) == promoted:
+            model_sha = promoted
     return Serving(name, revision, model_sha, service.uri, frozenset(versions))
 
 
@@ -162,7 +166,11 @@ def _base_template(
 
 
 def llm_template(
-    settings: LlmSettings, image: str, key: SecretVersionRef, model_sha: str
+    settings: LlmSettings,
+    image: str,
+    key: SecretVersionRef,
+    model_sha: str,
+    listen_host: str,
 ) -> run_v2.RevisionTemplate:
     """Build the LLM revision: the guard takes requests, the engine sidecar serves."""
     template = _base_template(
@@ -175,13 +183,16 @@ def llm_template(
         command=["python3", "-m", "containers.llm.guard"],
         ports=[run_v2.ContainerPort(name="http1", container_port=INGRESS_PORT)],
         env=[
+            run_v2.EnvVar(name="HOST", value=listen_host),
             run_v2.EnvVar(name="ENGINE_URL", value=engine_url),
             run_v2.EnvVar(
                 name="MAX_REQUEST_BYTES", value=str(settings.max_request_bytes)
             ),
             run_v2.EnvVar(name="MAX_TOKENS_CAP", value=str(settings.max_tokens_cap)),
         ],
-        resources=run_v2.ResourceRequirements(limits={"cpu": "1", "memory": "512Mi"}),
+        resources=run_v2.ResourceRequirements(
+            limits={"cpu": settings.guard_cpu, "memory": settings.guard_memory}
+        ),
         depends_on=["engine"],
     )
     probe_period = 10
@@ -220,7 +231,11 @@ def llm_template(
 
 
 def mcp_template(
-    settings: McpSettings, image: str, model_repo: str, model_sha: str
+    settings: McpSettings,
+    image: str,
+    model_repo: str,
+    model_sha: str,
+    listen_host: str,
 ) -> run_v2.RevisionTemplate:
     template = _base_template(
         settings, revision_name(settings.name, model_sha, image), model_sha
@@ -232,6 +247,7 @@ def mcp_template(
             command=["python3", "-m", "containers.mcp.server"],
             ports=[run_v2.ContainerPort(name="http1", container_port=INGRESS_PORT)],
             env=[
+                run_v2.EnvVar(name="HOST", value=listen_host),
                 run_v2.EnvVar(
                     name="MCP_TOOL_ALLOWLIST", value=",".join(settings.tool_allowlist)
                 ),
@@ -251,7 +267,7 @@ def mcp_template(
     return template
 
 
-@task(retries=1, retry_delay_seconds=5)
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def deploy_candidate(
     clients: Clients, settings: ServiceSettings, template: run_v2.RevisionTemplate
 ) -> Candidate:
@@ -391,7 +407,7 @@ def _candidate(
     return Candidate(name, revision, tag_url, service.uri, previous, created)
 
 
-@task(retries=2, retry_delay_seconds=[1, 5])
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
 def promote(clients: Clients, candidate: Candidate) -> None:
     """Send all traffic to the candidate; tag the previous revision `rollback`."""
     traffic = [
@@ -406,13 +422,18 @@ def promote(clients: Clients, candidate: Candidate) -> None:
                 tag=ROLLBACK_TAG,
             )
         )
-    _set_traffic(clients, candidate.service, traffic)
+    revision = clients.revisions.get_revision(
+        name=f"{candidate.service}/revisions/{candidate.revision}"
+    )
+    labels = dict(clients.services.get_service(name=candidate.service).labels)
+    labels[LABEL_MODEL_SHA] = revision.labels[LABEL_MODEL_SHA]
+    _set_traffic(clients, candidate.service, traffic, labels)
     get_run_logger().info(
         "Promoted %s to 100%% of %s", candidate.revision, candidate.service
     )
 
 
-@task(retries=2, retry_delay_seconds=[1, 5])
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
 def roll_back(clients: Clients, candidate: Candidate) -> None:
     """Leave the previous revision serving 100% and drop the candidate's tag."""
     logger = get_run_logger()
@@ -441,16 +462,21 @@ def roll_back(clients: Clients, candidate: Candidate) -> None:
 
 
 def _set_traffic(
-    clients: Clients, name: str, traffic: list[run_v2.TrafficTarget]
+    clients: Clients,
+    name: str,
+    traffic: list[run_v2.TrafficTarget],
+    labels: dict[str, str] | None = None,
 ) -> None:
+    """Change traffic (and labels) only; a masked update never creates a revision."""
+    paths = ["traffic"] if labels is None else ["traffic", "labels"]
     operation = clients.services.update_service(
-        service=run_v2.Service(name=name, traffic=traffic),
-        update_mask=field_mask_pb2.FieldMask(paths=["traffic"]),
+        service=run_v2.Service(name=name, traffic=traffic, labels=labels or {}),
+        update_mask=field_mask_pb2.FieldMask(paths=paths),
     )
     _wait(operation, name, traffic[0].revision)
 
 
-@task(retries=2, retry_delay_seconds=[1, 5])
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
 def set_invokers(clients: Clients, settings: ServiceSettings) -> None:
     """Make roles/run.invoker hold exactly the configured members."""
     logger = get_run_logger()

@@ -12,6 +12,7 @@ from pathlib import Path
 from google.api_core import exceptions as gexc
 from google.cloud import artifactregistry_v1
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from tasks import oci
@@ -31,7 +32,7 @@ def registry_client(clients: Clients) -> oci.RegistryClient:
     return oci.RegistryClient(clients.registry_base_url, auth=clients.registry_headers)
 
 
-@task(retries=2, retry_delay_seconds=[1, 5])
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
 def ensure_repository(clients: Clients) -> str:
     """Create the Artifact Registry Docker repository if it does not exist yet."""
     name = f"{clients.location}/repositories/{clients.target.artifact_repository}"
@@ -79,7 +80,7 @@ def weights_layer(files: dict[str, Path]) -> oci.Layer:
     )
 
 
-@task(retries=2, retry_delay_seconds=[2, 10])
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
 def build_llm_image(
     clients: Clients,
     config: RefreshConfig,
@@ -118,7 +119,7 @@ def build_llm_image(
     return image
 
 
-@task(retries=2, retry_delay_seconds=[2, 10])
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
 def build_mcp_image(clients: Clients, config: RefreshConfig) -> str:
     """Append the MCP server code to the Python base image and push it."""
     target = f"{clients.target.image_repository}/mcp:build"

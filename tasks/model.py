@@ -17,6 +17,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.hf_api import RepoFile
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from tasks.config import PICKLE_SUFFIXES, RefreshRequest
@@ -64,7 +65,12 @@ def _is_transient(task: object, task_run: object, state: object) -> bool:
     return False
 
 
-@task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_is_transient)
+@task(
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_is_transient,
+)
 def resolve_model_revision(request: RefreshRequest, hub_endpoint: str) -> ModelRevision:
     """Resolve a branch, tag or sha to a commit sha and list its serving files."""
     logger = get_run_logger()
@@ -144,7 +150,12 @@ def select_serving_files(
     return selected
 
 
-@task(retries=1, retry_delay_seconds=5, retry_condition_fn=_is_transient)
+@task(
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=_is_transient,
+)
 def download_model(
     revision: ModelRevision, hub_endpoint: str, cache_dir: Path | None = None
 ) -> dict[str, Path]:

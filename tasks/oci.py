@@ -6,8 +6,9 @@ localcloud's registry). `append_layers` returns the pushed image as
 `HOST/PATH@sha256:HEX`.
 
 Same inputs give byte-identical layers, config and manifest in any process, so a rebuild
-of unchanged content has the same digest and uploads nothing: every blob is checked with
-HEAD first and mounted from another repository of the same registry when possible.
+of unchanged content has the same digest. It also uploads nothing, because every blob is
+checked with HEAD first and mounted from another repository of the same registry when
+possible.
 
 Blobs go up as one streamed `PUT ?digest=` after a `POST`, never as chunked `PATCH`
 requests, because Artifact Registry rejects chunked uploads. That PUT needs the digest
@@ -65,11 +66,12 @@ DOCKER_TO_OCI_LAYER: Final[dict[str, str]] = {
 
 # Application layers are small and compress well: gzip is what every runtime reads.
 APP_COMPRESSION: Final[Compression] = "gzip"
-# Safetensors weights are dense floats that gzip shrinks by a few percent at best, while
-# even isal's fastest gzip runs at about a quarter of an uncompressed tar on one core.
-# Cloud Run accepts zstd layers, and zstd stores incompressible blocks almost at copy
-# speed, so weights default to zstd at level 1. Use "none" for registries that only pull
-# locally, or "gzip" for runtimes without zstd support.
+# Safetensors weights are dense floats that gzip shrinks by a few percent at best, and
+# gzip is the slowest choice. One pass of read, tar, compress and hash over 256 MiB of
+# random data on a 2-core VM ran at 464 MiB/s uncompressed, 271 MiB/s with zstd level 1
+# and 164 MiB/s with isal gzip level 1. Cloud Run accepts zstd layers, so weights
+# default to zstd level 1. Use "none" when only localcloud pulls the image, or "gzip"
+# for runtimes without zstd support.
 WEIGHTS_COMPRESSION: Final[Compression] = "zstd"
 
 # Fixed values keep images byte-identical across builds and machines.
@@ -538,8 +540,8 @@ def _compressor(compression: Compression, level: int | None) -> _Compressor:
     if compression == "zstd":
         import zstandard
 
-        # One thread: zstd's multi-threaded output differs from its single-threaded
-        # output, and one thread keeps the digest independent of the machine.
+        # Single-threaded compression keeps the output, and so the digest, independent
+        # of the number of cores of the machine that builds the layer.
         params = zstandard.ZstdCompressionParameters.from_level(
             1 if level is None else level,
             write_checksum=False,
@@ -576,13 +578,6 @@ class Manifest:
     def json(self) -> dict[str, Any]:
         value: dict[str, Any] = json.loads(self.body)
         return value
-
-
-@dataclass
-class _BlobSource:
-    """Where a blob is known to exist, for cross-repository mounts and copies."""
-
-    repositories: set[ImageReference] = field(default_factory=set)
 
 
 class RegistryClient:

@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from tasks.checks import OWASP_LLM, OWASP_WEB, CheckResult
@@ -104,7 +105,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@task
+@task(cache_policy=NO_CACHE)
 def write_report(report: dict[str, Any], report_dir: str) -> Path:
     """Write the JSON report and the Prefect artifacts; return the file path."""
     folder = Path(report_dir)

@@ -15,6 +15,7 @@ import google_crc32c
 from google.api_core import exceptions as gexc
 from google.cloud import secretmanager_v1
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from tasks.clients import Clients
@@ -54,7 +55,7 @@ def ensure_secret(clients: Clients, secret_id: str) -> str:
     return name
 
 
-@task(retries=2, retry_delay_seconds=[1, 5])
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
 def rotate_api_key(
     clients: Clients, secret_id: str, in_use: set[str]
 ) -> SecretVersionRef:
