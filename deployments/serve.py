@@ -19,25 +19,31 @@ from prefect.client.schemas.objects import (
     ConcurrencyLimitStrategy,
 )
 from prefect.events import DeploymentEventTrigger
+from prefect.schedules import Cron
 
 from flows.model_refresh import model_refresh
-from flows.watch_models import NEW_REVISION_EVENT, watch_models
+from flows.watch_models import NEW_REVISION_EVENT, model_resource_id, watch_models
 
 NIGHTLY_CRON = "0 2 * * *"
 WATCH_INTERVAL_SECONDS = 600
 
 
-def refresh_trigger() -> DeploymentEventTrigger:
-    """Run the refresh for the sha in the watcher's event, never for a moving branch."""
+def refresh_trigger(target_config: str, repo_id: str) -> DeploymentEventTrigger:
+    """Run the refresh for the sha in the watcher's event, never for a moving branch.
+
+    The trigger matches only the configured repository and takes only the sha from the
+    event: the open-source Prefect server accepts events without authentication, so an
+    event must not be able to choose another repository or target config.
+    """
     return DeploymentEventTrigger(
         name="new-model-revision",
         expect={NEW_REVISION_EVENT},
-        match={"prefect.resource.id": "huggingface.model.*"},
+        match={"prefect.resource.id": model_resource_id(repo_id)},
         parameters={
             "request": {
-                "repo_id": "{{ event.payload.repo_id }}",
+                "repo_id": repo_id,
                 "revision": "{{ event.payload.sha }}",
-                "target_config": "{{ event.payload.target_config }}",
+                "target_config": target_config,
             }
         },
     )
@@ -47,9 +53,9 @@ def build_deployments(target_config: str, repo_id: str) -> list:
     request = {"repo_id": repo_id, "revision": "main", "target_config": target_config}
     refresh = model_refresh.to_deployment(
         name="nightly",
-        cron=NIGHTLY_CRON,
+        schedule=Cron(NIGHTLY_CRON, timezone="UTC"),
         parameters={"request": request},
-        triggers=[refresh_trigger()],
+        triggers=[refresh_trigger(target_config, repo_id)],
         # One refresh at a time per target: a second one waits instead of racing.
         concurrency_limit=ConcurrencyLimitConfig(
             limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE

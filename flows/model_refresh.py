@@ -19,10 +19,10 @@ from prefect.logging import get_run_logger
 from tasks.alerts import ensure_anomaly_alerts
 from tasks.checks import (
     CheckResult,
+    check_llm_guard,
+    check_mcp,
     check_service,
     mint_probe_identity,
-    probe_llm_chat,
-    probe_mcp_tools,
 )
 from tasks.clients import Clients, clients_for
 from tasks.config import RefreshConfig, RefreshRequest, load_config, parse_request
@@ -41,9 +41,19 @@ from tasks.deploy import (
 )
 from tasks.errors import GateFailed, RefreshError
 from tasks.image import build_llm_image, build_mcp_image, ensure_repository
-from tasks.model import ModelRevision, download_model, resolve_model_revision
+from tasks.model import (
+    ModelRevision,
+    download_model,
+    read_hub_token,
+    resolve_model_revision,
+)
 from tasks.report import build_report, write_report
-from tasks.secrets import access_secret, rotate_api_key
+from tasks.secrets import (
+    access_secret,
+    retire_old_keys,
+    rollout_canary,
+    rotate_api_key,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LLM_HEALTH_PATH = "/health"
@@ -58,20 +68,27 @@ def resolve_config_path(path: str) -> Path:
     return REPO_ROOT / candidate
 
 
+# Frozen, so sharing one instance as the default is safe.
+DEFAULT_REQUEST = RefreshRequest()
+
+
 @flow(name="model-refresh", log_prints=False)
-def model_refresh(request: RefreshRequest | None = None) -> dict[str, Any]:
+def model_refresh(request: RefreshRequest = DEFAULT_REQUEST) -> dict[str, Any]:
     """Refresh both services to the requested model revision and return the report."""
-    request = parse_request(request or RefreshRequest())
+    request = parse_request(request)
     config = load_config(resolve_config_path(request.target_config))
     clients = clients_for(config.target)
 
-    revision = resolve_model_revision(request, clients.hub_endpoint)
+    hub_token = read_hub_token(clients)
+    revision = resolve_model_revision(request, clients.hub_endpoint, hub_token)
     llm_serving = read_serving(clients, config.llm.name)
     mcp_serving = read_serving(clients, config.mcp.name)
     if not request.force and all(
         refresh_is_current(serving, revision.sha)
         for serving in (llm_serving, mcp_serving)
     ):
+        # A run that crashed after promoting may not have retired the old keys yet.
+        retire_old_keys(clients, config)
         return _finish(
             config,
             revision,
@@ -80,12 +97,14 @@ def model_refresh(request: RefreshRequest | None = None) -> dict[str, Any]:
             servings={"llm": llm_serving, "mcp": mcp_serving},
         )
 
-    files = download_model(revision, clients.hub_endpoint)
+    files = download_model(revision, clients.hub_endpoint, token=hub_token)
     ensure_repository(clients)
     llm_image = build_llm_image(clients, config, revision, files)
     mcp_image = build_mcp_image(clients, config)
     key = rotate_api_key(
-        clients, config.llm.api_key_secret, in_use_versions(llm_serving, mcp_serving)
+        clients,
+        config.llm.api_key_secret,
+        in_use_versions(llm_serving, mcp_serving, model_sha=revision.sha),
     )
 
     candidates: list[Candidate] = []
@@ -94,7 +113,13 @@ def model_refresh(request: RefreshRequest | None = None) -> dict[str, Any]:
             clients,
             config.llm,
             llm_template(
-                config.llm, llm_image, key, revision.sha, config.target.listen_host
+                config.llm,
+                llm_image,
+                key,
+                revision.sha,
+                config.target.listen_host,
+                model_bytes=sum(path.stat().st_size for path in files.values()),
+                canary=rollout_canary(access_secret(clients, key), revision.sha),
             ),
         )
         candidates.append(llm)
@@ -122,6 +147,8 @@ def model_refresh(request: RefreshRequest | None = None) -> dict[str, Any]:
     passed = all(check.passed for check in checks)
     for candidate in candidates:
         promote(clients, candidate) if passed else roll_back(clients, candidate)
+    if passed:
+        retire_old_keys(clients, config)
     alerts = ensure_anomaly_alerts(clients, config)
 
     report = _finish(
@@ -159,14 +186,19 @@ def run_gate(
         clients, llm.service_url, config.probe_principal, config.outsider_principal
     )
     checks += check_service(clients, config.llm, llm, llm_identity, LLM_HEALTH_PATH)
-    checks.append(
-        probe_llm_chat(config.llm, llm.tag_url, llm_identity.invoker_token, api_key)
+    checks += check_llm_guard(
+        clients,
+        config.llm,
+        llm.tag_url,
+        llm.revision,
+        llm_identity.invoker_token,
+        api_key,
     )
     mcp_identity = mint_probe_identity(
         clients, mcp.service_url, config.probe_principal, config.outsider_principal
     )
     checks += check_service(clients, config.mcp, mcp, mcp_identity, MCP_HEALTH_PATH)
-    checks.append(probe_mcp_tools(config.mcp, mcp.tag_url, mcp_identity.invoker_token))
+    checks += check_mcp(config.mcp, mcp.tag_url, mcp_identity.invoker_token)
     return checks
 
 
@@ -196,7 +228,10 @@ def _finish(
             urls[key] = candidate.service_url
             urls[f"{key}-candidate"] = candidate.tag_url
         else:
+            # Nothing was deployed: the revision before the serving one is the one
+            # kept for rollback.
             entry["serving"] = entry["previous"]
+            entry["previous"] = serving.rollback if serving else None
             if serving is not None:
                 urls[key] = serving.uri
         revisions[key] = entry
@@ -219,15 +254,24 @@ def _finish(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Refresh the LLM and MCP services")
-    parser.add_argument("--repo-id", default=RefreshRequest().repo_id)
-    parser.add_argument("--revision", default="main", help="branch, tag or commit sha")
-    parser.add_argument(
-        "--target",
-        default=RefreshRequest().target_config,
-        help="target config YAML (default: the localcloud target)",
+    defaults = RefreshRequest()
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.model_refresh",
+        description="Refresh the LLM and MCP services to a model revision.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--force", action="store_true", help="redeploy even if current")
+    parser.add_argument(
+        "--repo-id", default=defaults.repo_id, help="Hugging Face model repository"
+    )
+    parser.add_argument(
+        "--revision", default=defaults.revision, help="branch, tag or commit sha"
+    )
+    parser.add_argument(
+        "--target", default=defaults.target_config, help="target config YAML"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="redeploy even if the sha already serves"
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -239,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                 "force": args.force,
             }
         )
+        # Validate the target before Prefect starts, so bad input fails in a moment.
+        load_config(resolve_config_path(request.target_config))
         report = model_refresh(request)
     except GateFailed as exc:
         print(f"model-refresh: {exc}", file=sys.stderr)

@@ -21,6 +21,8 @@ from tasks.deploy import read_serving
 
 NEW_REVISION_EVENT = "model-refresh.model.revision-published"
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Frozen, so sharing one instance as the default is safe.
+DEFAULT_REQUEST = RefreshRequest()
 
 
 def model_resource_id(repo_id: str) -> str:
@@ -36,10 +38,10 @@ def resolve_head(repo_id: str, revision: str, hub_endpoint: str) -> str:
 
 
 @flow(name="watch-models")
-def watch_models(request: RefreshRequest | None = None) -> str | None:
+def watch_models(request: RefreshRequest = DEFAULT_REQUEST) -> str | None:
     """Emit an event when the branch or tag points at a sha that does not serve yet."""
     logger = get_run_logger()
-    request = parse_request(request or RefreshRequest())
+    request = parse_request(request)
     path = Path(request.target_config)
     config = load_config(path if path.exists() else REPO_ROOT / path)
     clients = clients_for(config.target)

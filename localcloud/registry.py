@@ -17,9 +17,13 @@ target folder, and renames the folder into place only when every layer is comple
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import gzip
 import hashlib
+import hmac
+import http.client
+import http.server
 import io
 import json
 import logging
@@ -32,6 +36,7 @@ import socket
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -803,3 +808,260 @@ def _replace_dir(partial: Path, dest: Path) -> None:
     dest.rename(old)
     partial.rename(dest)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# --- the Artifact Registry front ---------------------------------------------------
+
+
+class RegistryFront:
+    """An HTTP front for the registry that enforces two Artifact Registry rules that
+    docker-registry does not: every request needs credentials, and an upload may use
+    at most one PATCH.
+
+    Credentials are `Authorization: Bearer TOKEN` or Basic `oauth2accesstoken:TOKEN`,
+    the two forms Artifact Registry takes; `token=None` turns the check off. The front
+    forwards each request to the registry with the client's Host header, so the
+    Location headers that docker-registry returns point at the front again.
+    """
+
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        token: str | None = None,
+        reject_chunked_uploads: bool = True,
+    ) -> None:
+        self.upstream = upstream
+        self.token = token
+        self.reject_chunked_uploads = reject_chunked_uploads
+        self.patched_uploads: set[str] = set()
+        self.rejected: list[tuple[str, str, int]] = []
+        self.lock = threading.Lock()
+        self._httpd: _FrontServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> str:
+        if self._httpd is None:
+            raise RuntimeError("the registry front is not running: call start() first")
+        return f"{LOOPBACK}:{self._httpd.server_address[1]}"
+
+    def start(self) -> None:
+        httpd = _FrontServer((LOOPBACK, 0), _FrontHandler)
+        httpd.front = self
+        self._httpd = httpd
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, name="registry-front", daemon=True
+        )
+        self._thread.start()
+        logger.info("registry front on %s for %s", self.address, self.upstream)
+
+    def stop(self) -> None:
+        if self._httpd is None:
+            return
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=STOP_TIMEOUT_SECONDS)
+        self._httpd = None
+
+    def __enter__(self) -> RegistryFront:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def authorized(self, header: str) -> bool:
+        if self.token is None:
+            return True
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer":
+            return hmac.compare_digest(value.strip(), self.token)
+        if scheme.lower() == "basic":
+            try:
+                decoded = base64.b64decode(value.strip(), validate=True).decode()
+            except (ValueError, UnicodeDecodeError):
+                return False
+            user, _, password = decoded.partition(":")
+            return user == "oauth2accesstoken" and hmac.compare_digest(
+                password, self.token
+            )
+        return False
+
+    def second_patch(self, path: str) -> bool:
+        """Record a PATCH to the upload at `path`; return whether one came before."""
+        upload = path.split("?", 1)[0]
+        with self.lock:
+            if upload in self.patched_uploads:
+                return True
+            self.patched_uploads.add(upload)
+            return False
+
+
+class _FrontServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    front: RegistryFront
+
+
+class _FrontHandler(http.server.BaseHTTPRequestHandler):
+    server: _FrontServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("registry front: " + format, *args)
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    def do_HEAD(self) -> None:
+        self._handle()
+
+    def do_POST(self) -> None:
+        self._handle()
+
+    def do_PUT(self) -> None:
+        self._handle()
+
+    def do_PATCH(self) -> None:
+        self._handle()
+
+    def do_DELETE(self) -> None:
+        self._handle()
+
+    def _handle(self) -> None:
+        front = self.server.front
+        if not front.authorized(self.headers.get("Authorization", "")):
+            self._drain_body()
+            self._reject(
+                401,
+                "UNAUTHORIZED",
+                "authentication required: send Bearer ACCESS_TOKEN or Basic "
+                "oauth2accesstoken:ACCESS_TOKEN",
+                {"WWW-Authenticate": 'Basic realm="localcloud registry"'},
+            )
+            return
+        if (
+            self.command == "PATCH"
+            and front.reject_chunked_uploads
+            and front.second_patch(self.path)
+        ):
+            self._drain_body()
+            self._reject(
+                400,
+                "BLOB_UPLOAD_INVALID",
+                "chunked uploads are not supported: send the blob in one PATCH or "
+                "one PUT",
+            )
+            return
+        try:
+            self._forward()
+        except (OSError, http.client.HTTPException) as exc:
+            # The request may be half sent, so the connection cannot be reused.
+            logger.warning(
+                "registry front: %s %s failed upstream: %r",
+                self.command,
+                self.path,
+                exc,
+            )
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self._reject(
+                    502, "UNAVAILABLE", f"the registry behind the front failed: {exc}"
+                )
+
+    def _reject(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        with self.server.front.lock:
+            self.server.front.rejected.append((self.command, self.path, status))
+        body = json.dumps({"errors": [{"code": code, "message": message}]}).encode()
+        self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _forward(self) -> None:
+        headers = {
+            key: value
+            for key, value in self.headers.items()
+            if key.lower() not in ("authorization", "connection", "transfer-encoding")
+        }
+        upstream = http.client.HTTPConnection(self.server.front.upstream, timeout=600)
+        try:
+            upstream.putrequest(
+                self.command, self.path, skip_host=True, skip_accept_encoding=True
+            )
+            for key, value in headers.items():
+                upstream.putheader(key, value)
+            chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+            if chunked:
+                upstream.putheader("Transfer-Encoding", "chunked")
+            upstream.endheaders()
+            for chunk in self._body():
+                upstream.send(
+                    b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk
+                )
+            if chunked:
+                upstream.send(b"0\r\n\r\n")
+            response = upstream.getresponse()
+            self._relay(response)
+        finally:
+            upstream.close()
+
+    def _relay(self, response: http.client.HTTPResponse) -> None:
+        self.send_response(response.status)
+        for key, value in response.getheaders():
+            if key.lower() not in ("connection", "transfer-encoding", "date", "server"):
+                self.send_header(key, value)
+        length = response.getheader("Content-Length")
+        if length is None and self.command != "HEAD":
+            # Without a length the client reads to the end of the connection.
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        while chunk := response.read(CHUNK_SIZE):
+            self.wfile.write(chunk)
+
+    def _body(self) -> Iterator[bytes]:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            yield from self._chunked_body()
+            return
+        remaining = int(self.headers.get("Content-Length") or 0)
+        while remaining:
+            chunk = self.rfile.read(min(CHUNK_SIZE, remaining))
+            if not chunk:
+                raise ConnectionError("the client closed the connection mid-body")
+            remaining -= len(chunk)
+            yield chunk
+
+    def _chunked_body(self) -> Iterator[bytes]:
+        while True:
+            size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
+            if size == 0:
+                # Trailers end with an empty line.
+                while self.rfile.readline().strip():
+                    pass
+                return
+            remaining = size
+            while remaining:
+                chunk = self.rfile.read(min(CHUNK_SIZE, remaining))
+                if not chunk:
+                    raise ConnectionError("the client closed the connection mid-chunk")
+                remaining -= len(chunk)
+                yield chunk
+            self.rfile.readline()
+
+    def _drain_body(self) -> None:
+        for _ in self._body():
+            pass

@@ -7,6 +7,7 @@ and says how to fix it, because the same models back the Prefect UI form.
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -23,9 +24,16 @@ from pydantic import (
 
 from tasks.errors import ConfigError
 
-# Cloud Run GPU types, from the Cloud Run GPU documentation (December 2026).
+# GPU types accepted in a revision's node_selector.accelerator. NOTE: listed by hand;
+# add a type here when Cloud Run offers it.
 GPU_TYPES = ("nvidia-l4", "nvidia-rtx-pro-6000")
 PUBLIC_PRINCIPALS = ("allUsers", "allAuthenticatedUsers")
+# Cloud Run limits: a startup probe period of at most 240 s, and with a GPU at least
+# 4 vCPU and 16 GiB of memory.
+MAX_PROBE_PERIOD_SECONDS = 240
+GPU_MIN_CPU = 4.0
+MAX_CPU = 8.0
+GPU_MIN_MEMORY_GIB = 16
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
@@ -58,7 +66,7 @@ class _Strict(BaseModel):
 
 
 class Target(_Strict):
-    """Where the official clients point: real GCP, or the embedded localcloud."""
+    """The platform the official clients point at: real GCP, or localcloud."""
 
     kind: Literal["local", "gcp"] = Field("local", description="local or gcp")
     project: str = Field(description="Google Cloud project id")
@@ -70,6 +78,11 @@ class Target(_Strict):
     )
     hub_endpoint: str | None = Field(
         None, description="Hugging Face Hub URL; local targets read localcloud's"
+    )
+    hub_token_secret: str | None = Field(
+        None,
+        description="Secret Manager secret id of a Hugging Face read token, for "
+        "gated or private repositories",
     )
     artifact_repository: str = Field(
         "model-refresh", description="Artifact Registry Docker repository id"
@@ -90,6 +103,16 @@ class Target(_Strict):
             raise ValueError(
                 f"project {value!r} is not a valid project id: use 6-30 lowercase "
                 "letters, digits or hyphens, starting with a letter"
+            )
+        return value
+
+    @field_validator("hub_token_secret")
+    @classmethod
+    def _hub_token_secret_id(cls, value: str | None) -> str | None:
+        if value is not None and not _SECRET_ID.match(value):
+            raise ValueError(
+                f"hub_token_secret {value!r} is not a valid secret id: use letters, "
+                "digits, '-' or '_'"
             )
         return value
 
@@ -218,7 +241,49 @@ class LlmSettings(ServiceSettings):
         description="Engine sidecar command (vLLM's server on GCP)",
     )
     startup_timeout_seconds: int = Field(
-        300, ge=10, le=3600, description="Time the engine may take to load the model"
+        300,
+        ge=10,
+        le=3600,
+        description="Shortest startup window of the engine in seconds, whatever the "
+        "model size (process start, imports, GPU setup)",
+    )
+    model_load_mib_per_second: float = Field(
+        100.0,
+        gt=0,
+        description="Measured rate at which the engine loads weights, in MiB/s; "
+        "sizes the startup probe",
+    )
+    startup_margin: float = Field(
+        1.5, ge=1.0, le=10.0, description="Factor applied to the expected load time"
+    )
+    startup_probe_period_seconds: int = Field(
+        10,
+        ge=1,
+        le=MAX_PROBE_PERIOD_SECONDS,
+        description="Seconds between startup probes (Cloud Run allows at most 240)",
+    )
+    max_startup_seconds: int = Field(
+        1800,
+        ge=10,
+        le=3600,
+        description="Longest startup window (failure_threshold * period) to accept",
+    )
+    expected_model_gib: float | None = Field(
+        None,
+        gt=0,
+        description="Size of the weights in GiB, checked against the startup window "
+        "when the config loads",
+    )
+    key_rollback_window_hours: float = Field(
+        24.0,
+        ge=0,
+        description="Hours an API key version stays enabled after nothing references "
+        "it, so a rollback can still start",
+    )
+    key_destroy_grace_hours: float = Field(
+        72.0,
+        ge=0,
+        description="Hours a disabled API key version waits before it is destroyed",
     )
 
     @field_validator("api_key_secret")
@@ -231,10 +296,108 @@ class LlmSettings(ServiceSettings):
             )
         return value
 
+    @model_validator(mode="after")
+    def _startup_fits(self) -> LlmSettings:
+        if self.startup_timeout_seconds > self.max_startup_seconds:
+            raise ValueError(
+                f"startup_timeout_seconds {self.startup_timeout_seconds} exceeds "
+                f"max_startup_seconds {self.max_startup_seconds}: lower it"
+            )
+        if self.expected_model_gib is not None:
+            startup_window_seconds(self, int(self.expected_model_gib * 2**30))
+        return self
+
+    @model_validator(mode="after")
+    def _instance_cpu(self) -> LlmSettings:
+        engine, guard = _parse_cpu(self.cpu), _parse_cpu(self.guard_cpu)
+        if engine is not None and guard is not None and engine + guard > MAX_CPU:
+            raise ValueError(
+                f"cpu {self.cpu!r} plus guard_cpu {self.guard_cpu!r} is "
+                f"{engine + guard:g} vCPU per instance, over Cloud Run's maximum of "
+                f"{MAX_CPU:g}: lower cpu"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _gpu_minimums(self) -> LlmSettings:
+        if self.gpu is None:
+            return self
+        cpu = _parse_cpu(self.cpu)
+        memory = _parse_gib(self.memory)
+        if cpu is not None and cpu < GPU_MIN_CPU:
+            raise ValueError(
+                f"cpu {self.cpu!r} is too small for a GPU: Cloud Run needs at least "
+                f"{GPU_MIN_CPU:g} vCPU with a GPU (8 recommended for nvidia-l4)"
+            )
+        if memory is not None and memory < GPU_MIN_MEMORY_GIB:
+            raise ValueError(
+                f"memory {self.memory!r} is too small for a GPU: Cloud Run needs at "
+                f"least {GPU_MIN_MEMORY_GIB}Gi with a GPU (32Gi recommended)"
+            )
+        return self
+
+
+def startup_window_seconds(settings: LlmSettings, model_bytes: int | None) -> int:
+    """Return the startup window that covers loading `model_bytes` plus the margin.
+
+    Raises ValueError with the numbers when the window exceeds max_startup_seconds.
+    """
+    if not model_bytes:
+        return settings.startup_timeout_seconds
+    load_seconds = model_bytes / 2**20 / settings.model_load_mib_per_second
+    window = max(
+        settings.startup_timeout_seconds,
+        math.ceil(load_seconds * settings.startup_margin),
+    )
+    if window > settings.max_startup_seconds:
+        raise ValueError(
+            f"a {model_bytes / 2**30:.1f} GiB model loads in about "
+            f"{load_seconds:.0f} s at {settings.model_load_mib_per_second:g} MiB/s; "
+            f"with margin {settings.startup_margin:g} the startup window is "
+            f"{window} s, over max_startup_seconds {settings.max_startup_seconds}: "
+            "raise max_startup_seconds, measure a faster load rate, or serve a "
+            "smaller model"
+        )
+    return window
+
+
+def startup_probe_budget(
+    settings: LlmSettings, model_bytes: int | None
+) -> tuple[int, int]:
+    """Return (period_seconds, failure_threshold) of the engine's startup probe.
+
+    The period stays at most 240 s (Cloud Run's limit); the threshold grows instead,
+    so failure_threshold * period_seconds covers the whole startup window.
+    """
+    try:
+        window = startup_window_seconds(settings, model_bytes)
+    except ValueError as exc:
+        raise ConfigError(f"llm startup probe: {exc}") from exc
+    period = min(settings.startup_probe_period_seconds, MAX_PROBE_PERIOD_SECONDS)
+    return period, math.ceil(window / period)
+
+
+def _parse_cpu(value: str) -> float | None:
+    try:
+        return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
+    except ValueError:
+        return None
+
+
+def _parse_gib(value: str) -> float | None:
+    units = {"Mi": 1 / 1024, "Gi": 1.0, "M": 10**6 / 2**30, "G": 10**9 / 2**30}
+    for suffix, factor in units.items():
+        if value.endswith(suffix):
+            try:
+                return float(value[: -len(suffix)]) * factor
+            except ValueError:
+                return None
+    return None
+
 
 class McpSettings(ServiceSettings):
     tool_allowlist: list[str] = Field(
-        default_factory=lambda: ["model_card", "lookup_doc"],
+        default=["model_card", "lookup_doc"],
         min_length=1,
         description="The only MCP tools the server registers",
     )
@@ -288,8 +451,10 @@ class RefreshRequest(_Strict):
 
     repo_id: RepoId = "local-models/tiny-llama"
     revision: str = Field("main", description="Branch, tag or 40-hex commit sha")
+    # A plain default (not a factory) so the Prefect UI form shows the patterns;
+    # pydantic copies it for each instance.
     allow_patterns: list[str] = Field(
-        default_factory=lambda: list(SERVING_PATTERNS),
+        default=list(SERVING_PATTERNS),
         min_length=1,
         description="Files to download (glob patterns)",
     )
@@ -321,10 +486,22 @@ class RefreshRequest(_Strict):
     @classmethod
     def _patterns(cls, patterns: list[str]) -> list[str]:
         for pattern in patterns:
-            if not pattern or pattern.startswith("/") or ".." in pattern.split("/"):
+            if (
+                not pattern.strip()
+                or pattern != pattern.strip()
+                or pattern.startswith("/")
+                or ".." in pattern.split("/")
+                or "//" in pattern
+            ):
                 raise ValueError(
                     f"allow_patterns entry {pattern!r} can never match a repository "
                     "file: use a relative glob such as '*.safetensors'"
+                )
+            if pattern.endswith(PICKLE_SUFFIXES):
+                raise ValueError(
+                    f"allow_patterns entry {pattern!r} matches only pickle-based "
+                    "weights, which are never downloaded because loading them can run "
+                    "code: remove it and use '*.safetensors'"
                 )
         if not any(_may_match_weights(pattern) for pattern in patterns):
             raise ValueError(

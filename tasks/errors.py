@@ -25,3 +25,19 @@ class DeployError(RefreshError):
 
 class GateFailed(RefreshError):
     """Post-deploy checks failed, so the candidate was not promoted."""
+
+
+class SecretError(RefreshError):
+    """A Secret Manager secret has no version a revision can be pinned to."""
+
+
+class DeployConflict(DeployError):
+    """Cloud Run rejected a revision name that already exists with another spec."""
+
+
+class RevisionNotReady(DeployError):
+    """A revision did not become ready; the message carries its condition and logs."""
+
+
+class AuditError(RefreshError):
+    """A security audit cannot start: a service is missing or splits its traffic."""

@@ -19,17 +19,24 @@ from tasks import oci
 from tasks.clients import Clients
 from tasks.config import RefreshConfig
 from tasks.deploy import MODEL_DIR
-from tasks.model import ModelRevision
+from tasks.model import ModelRevision, default_cache_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = "/app"
 # A fixed non-root uid, as in distroless images: nothing in the image runs as root.
 RUNTIME_USER = "65532:65532"
 _APP_SUFFIXES = (".py", ".md", ".json", ".txt")
+LAYER_DIGEST_CACHE = "layer-digests.json"
 
 
 def registry_client(clients: Clients) -> oci.RegistryClient:
-    return oci.RegistryClient(clients.registry_base_url, auth=clients.registry_headers)
+    # localcloud's registry takes a layer in one streamed PATCH, which saves a pass
+    # over the weights; Artifact Registry gets monolithic uploads only.
+    return oci.RegistryClient(
+        clients.registry_base_url,
+        auth=clients.registry_headers,
+        single_patch_uploads=clients.target.kind == "local",
+    )
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
@@ -73,11 +80,21 @@ def app_layer() -> oci.Layer:
 
 
 def weights_layer(files: dict[str, Path]) -> oci.Layer:
-    return oci.Layer.from_files(
+    """Build the layer of the verified model files under MODEL_DIR.
+
+    A symlink among the files raises LayerError, so no file from outside the download
+    folder reaches the image. The layer's digests are cached next to the downloads, so
+    a rebuild of the same files checks the registry with HEAD instead of reading the
+    weights again.
+    """
+    layer = oci.Layer.from_files(
         {f"{MODEL_DIR}/{path}": local for path, local in sorted(files.items())},
         compression=oci.WEIGHTS_COMPRESSION,
         created_by="model-refresh: model weights",
+        follow_symlinks=False,
     )
+    layer.digest_cache = default_cache_dir() / LAYER_DIGEST_CACHE
+    return layer
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])

@@ -6,14 +6,19 @@ localcloud's registry). `append_layers` returns the pushed image as
 `HOST/PATH@sha256:HEX`.
 
 Same inputs give byte-identical layers, config and manifest in any process, so a rebuild
-of unchanged content has the same digest. It also uploads nothing, because every blob is
-checked with HEAD first and mounted from another repository of the same registry when
-possible.
+of unchanged content has the same digest. It also uploads nothing, because every blob
+whose digest is known is checked with HEAD first and mounted from another repository of
+the same registry when possible.
 
-Blobs go up as one streamed `PUT ?digest=` after a `POST`, never as chunked `PATCH`
-requests, because Artifact Registry rejects chunked uploads. That PUT needs the digest
-before the body, so a new layer is streamed twice: once to compute its digest, and once
-to upload it. Memory stays flat in both passes, whatever the file sizes.
+A missing blob goes up as one monolithic `PUT ?digest=` after a `POST`, as Artifact
+Registry requires. That PUT needs the digest
+before the body, so a new layer is read twice: once to measure it, once to upload it,
+unless its digest cache contains the digest. A client with `single_patch_uploads`
+reads a layer missing from its digest cache only once: tar, compression, the two hashes
+and the upload run together as one streamed `PATCH`, and the closing `PUT ?digest=`
+carries the digest measured on the way, as `docker push` does. A second `PATCH` for the
+same upload is never sent, because Artifact Registry rejects chunked uploads. Memory
+stays flat either way, whatever the file sizes.
 
 This module has no Prefect imports: the Prefect tasks wrap it.
 """
@@ -83,6 +88,7 @@ DIR_MODE: Final = 0o755
 FILE_MODE: Final = 0o644
 EXECUTABLE_MODE: Final = 0o755
 RETRY_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
+MAX_DIGEST_CACHE_ENTRIES: Final = 256
 
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -236,6 +242,7 @@ class Layer:
         self.level = level
         self.created_by = created_by
         self._digests: LayerDigests | None = None
+        self.digest_cache: Path | None = None
 
     @classmethod
     def from_files(
@@ -245,11 +252,13 @@ class Layer:
         compression: Compression = APP_COMPRESSION,
         level: int | None = None,
         created_by: str = "model-refresh: append layer",
+        follow_symlinks: bool = True,
     ) -> Layer:
         """Build a layer from in-image paths mapped to local files or to bytes.
 
         A local file keeps its executable bit (mode 0755) or gets mode 0644; bytes get
-        mode 0644. Symlinks among the local files are followed.
+        mode 0644. Symlinks among the local files are followed, or rejected with
+        `follow_symlinks=False`.
         """
         entries = []
         for image_path, source in files.items():
@@ -257,7 +266,7 @@ class Layer:
             if isinstance(source, bytes):
                 entries.append(_Entry(name, "file", FILE_MODE, source))
                 continue
-            info = source.stat()
+            info = source.stat() if follow_symlinks else source.lstat()
             if not stat.S_ISREG(info.st_mode):
                 raise LayerError(
                     f"source {str(source)!r} for {image_path!r} is not a regular file: "
@@ -323,6 +332,43 @@ class Layer:
             )
         return self._digests
 
+    def known_digests(self) -> LayerDigests | None:
+        """Return the digests if this process measured them, or if `digest_cache`
+        contains them for source files of the same size, inode, mtime and ctime."""
+        if self._digests is None and self.digest_cache is not None:
+            self._digests = _read_digest_cache(self.digest_cache, self._cache_key())
+        return self._digests
+
+    def record_digests(self, digests: LayerDigests) -> None:
+        """Keep digests measured while the layer was uploaded in one pass."""
+        self._digests = digests
+        if self.digest_cache is not None:
+            _write_digest_cache(self.digest_cache, self._cache_key(), digests)
+
+    def stream_once(self, diff_hash: Any) -> Iterator[bytes]:
+        """Stream the blob for an upload that measures it on the way; `diff_hash`
+        receives the uncompressed tar."""
+        return self._blob_chunks(diff_hash)
+
+    def _cache_key(self) -> str:
+        key = hashlib.sha256()
+        key.update(f"{self.compression}:{self.level}:{_compressor_id()}".encode())
+        for entry in self.entries:
+            key.update(f"\0{entry.name}\0{entry.kind}\0{entry.mode:o}".encode())
+            if isinstance(entry.source, bytes):
+                key.update(hashlib.sha256(entry.source).digest())
+            elif entry.source is not None:
+                info = entry.source.stat()
+                identity = (
+                    info.st_size,
+                    info.st_ino,
+                    info.st_mtime_ns,
+                    info.st_ctime_ns,
+                )
+                key.update(f"{entry.source}:{identity}".encode())
+            key.update(entry.linkname.encode())
+        return key.hexdigest()
+
     def chunks(self) -> Iterator[bytes]:
         """Stream the blob again, and raise LayerError at the end if it no longer
         matches `digests()` because a source file changed in between."""
@@ -351,6 +397,42 @@ class Layer:
         tail = compressor.flush()
         if tail:
             yield tail
+
+
+def _compressor_id() -> str:
+    # The compressed bytes depend on the library that made them, so cached digests
+    # are valid only for the same one.
+    try:
+        import isal
+        import zstandard
+
+        return f"isal-{isal.__version__}:zstd-{zstandard.__version__}"
+    except ImportError:
+        return f"zlib-{zlib.ZLIB_RUNTIME_VERSION}"
+
+
+def _read_digest_cache(path: Path, key: str) -> LayerDigests | None:
+    try:
+        entry = json.loads(path.read_text())[key]
+        return LayerDigests(str(entry[0]), str(entry[1]), int(entry[2]))
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+def _write_digest_cache(path: Path, key: str, digests: LayerDigests) -> None:
+    try:
+        entries = json.loads(path.read_text())
+        if not isinstance(entries, dict):
+            entries = {}
+    except (OSError, ValueError):
+        entries = {}
+    entries[key] = [digests.diff_id, digests.digest, digests.size]
+    # Old keys name files that changed or were deleted; a few hundred is plenty.
+    entries = dict(list(entries.items())[-MAX_DIGEST_CACHE_ENTRIES:])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(entries))
+    os.replace(partial, path)
 
 
 def _image_path(path: str) -> str:
@@ -595,9 +677,15 @@ class RegistryClient:
         timeout: httpx.Timeout | None = None,
         max_attempts: int = 5,
         backoff_seconds: float = 0.5,
+        single_patch_uploads: bool = False,
     ) -> None:
         self.endpoint_for_host = endpoint_for_host
         self.auth = auth
+        # Artifact Registry's Docker API documentation says pushes must use monolithic
+        # uploads (quoted in dotnet/sdk-container-builds#287), so the single streamed
+        # PATCH is opt-in.
+        # NOTE: not tried against Artifact Registry; docker and podman push that way.
+        self.single_patch_uploads = single_patch_uploads
         self.max_attempts = max_attempts
         self.backoff_seconds = backoff_seconds
         self.stats = PushStats()
@@ -796,6 +884,89 @@ class RegistryClient:
                 raise _error(response, f"uploading blob {digest}")
             location = None
             time.sleep(self._backoff(attempt, response))
+
+    def push_layer(self, ref: ImageReference, layer: Layer) -> LayerDigests:
+        """Make `layer` exist in `ref`'s repository and return its digests.
+
+        A layer is measured first, then pushed with `push_blob`: HEAD, mount, or a
+        monolithic upload. A layer whose digest cache knows it skips the measuring
+        pass. With `single_patch_uploads` and a cache miss, the layer is read once
+        instead: tar, compression, both hashes and the upload run together in one
+        streamed PATCH, and the digest goes in the closing PUT.
+        """
+        known = layer.known_digests()
+        if known is None and not (self.single_patch_uploads and layer.digest_cache):
+            known = layer.digests()
+            if layer.digest_cache is not None:
+                layer.record_digests(known)
+        if known is not None:
+            self.push_blob(ref, known.digest, known.size, layer.chunks)
+            return known
+        # NOTE: on a machine without the cache entry, a layer that the registry
+        # already has is uploaded again, because its digest is known only afterwards.
+        for attempt in range(1, self.max_attempts + 1):
+            diff_hash = hashlib.sha256()
+            try:
+                digest, size = self._upload_streamed(ref, layer.stream_once(diff_hash))
+            except RegistryError as exc:
+                # Status 0 is a connection error, which is as transient as a 503.
+                retryable = exc.status == 0 or exc.status in RETRY_STATUSES
+                if attempt == self.max_attempts or not retryable:
+                    raise
+                logger.warning("streamed upload failed (%s); starting again", exc)
+                time.sleep(self._backoff(attempt, None))
+                continue
+            digests = LayerDigests("sha256:" + diff_hash.hexdigest(), digest, size)
+            layer.record_digests(digests)
+            return digests
+        raise AssertionError("unreachable")
+
+    def _upload_streamed(
+        self, ref: ImageReference, chunks: Iterable[bytes]
+    ) -> tuple[str, int]:
+        # One PATCH with the whole body, never a second one: Artifact Registry
+        # rejects chunked uploads that split a blob over several PATCH requests.
+        blob_hash = hashlib.sha256()
+        size = 0
+
+        def body() -> Iterator[bytes]:
+            nonlocal size
+            for chunk in chunks:
+                blob_hash.update(chunk)
+                size += len(chunk)
+                yield chunk
+
+        started = self._send(
+            "POST", self._url(ref, "/blobs/uploads/"), content=b"", retry=False
+        )
+        if started.status_code != 202:
+            raise _error(started, "starting a streamed upload")
+        patched = self._send(
+            "PATCH",
+            _location(started),
+            headers={"Content-Type": "application/octet-stream"},
+            content=body(),
+            retry=False,
+        )
+        if patched.status_code != 202:
+            raise _error(patched, "streaming a layer")
+        digest = "sha256:" + blob_hash.hexdigest()
+        location = _location(patched)
+        separator = "&" if "?" in location else "?"
+        finished = self._send(
+            "PUT",
+            f"{location}{separator}digest={digest}",
+            headers={"Content-Length": "0"},
+            content=b"",
+            retry=False,
+        )
+        if finished.status_code != 201:
+            raise _error(finished, f"closing the upload of {digest}")
+        self.stats.blobs_uploaded += 1
+        self.stats.bytes_uploaded += size
+        self._remember(ref, digest)
+        logger.info("uploaded %s (%d bytes) to %s", digest, size, ref.repository)
+        return digest, size
 
     def copy_blob(
         self, source: ImageReference, target: ImageReference, digest: str, size: int
@@ -1045,8 +1216,7 @@ def append_layers(
 
     new_layers = []
     for layer in layers:
-        digests = layer.digests()
-        registry.push_blob(target_ref, digests.digest, digests.size, layer.chunks)
+        digests = registry.push_layer(target_ref, layer)
         new_layers.append(
             {
                 "mediaType": layer.media_type,

@@ -7,7 +7,6 @@ the job: first deploy, an unchanged rerun, a new commit, then bad requests.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,36 +14,14 @@ import httpx
 import pytest
 
 from flows.model_refresh import model_refresh
-from localcloud.hub.__main__ import publish_next, seed_demo_repos
+from localcloud.hub.__main__ import publish_next
 from localcloud.server import LocalCloud
 from tasks.clients import clients_for
 from tasks.config import RefreshRequest, load_config
 from tasks.errors import ModelSourceError
-from tests.conftest import local_target_data, write_target
 
 REPO = "local-models/tiny-llama"
 PROBE = "refresh-probe@local-project.iam.gserviceaccount.com"
-
-
-@pytest.fixture(scope="module")
-def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
-    state = tmp_path_factory.mktemp("localcloud")
-    cloud = LocalCloud(state)
-    cloud.start()
-    seed_demo_repos(state / "hub")
-    try:
-        yield cloud
-    finally:
-        cloud.stop()
-
-
-@pytest.fixture(scope="module")
-def target(cloud: LocalCloud, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("target")
-    data = local_target_data()
-    data["target"]["localcloud_state_dir"] = str(cloud.state_dir)
-    data["report_dir"] = str(folder / "reports")
-    return write_target(folder / "target.yaml", data)
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,10 @@ logged as a `tool_denied` event, and invalid arguments are logged as
 `invalid_input`, each as one JSON line without the argument values.
 
 Environment (defaults in brackets):
-    MCP_TOOL_ALLOWLIST  comma-separated tools to serve [model_card,lookup_doc]
+    MCP_TOOL_ALLOWLIST  comma-separated tools to serve [model_card,lookup_doc];
+                        cite_source is served only when listed
+    MCP_SOURCE_HOSTS    hosts whose URLs cite_source accepts, comma-separated
+                        [huggingface.co]
     MODEL_ID, MODEL_SHA model id and 40-character commit sha for model_card
     MCP_ALLOWED_HOSTS   extra Host header values to accept, comma-separated
                         (loopback hosts are always accepted)
@@ -20,12 +23,14 @@ Environment (defaults in brackets):
 from __future__ import annotations
 
 import contextvars
+import ipaddress
 import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypedDict
+from urllib.parse import urlsplit
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -59,6 +64,16 @@ COMMIT_SHA_PATTERN: Final = re.compile(r"^[0-9a-f]{40}$")
 # tools, error handling) gives for an unknown tool.
 INVALID_PARAMS: Final = -32602
 LOOPBACK_HOSTS: Final = ("127.0.0.1", "localhost", "[::1]")
+DEFAULT_TOOLS: Final = ("model_card", "lookup_doc")
+DEFAULT_SOURCE_HOSTS: Final = ("huggingface.co",)
+MAX_URL_CHARS: Final = 2048
+# Names and addresses of the instance metadata server, which hands out the
+# service account's tokens on GCP.
+METADATA_HOSTS: Final = ("metadata.google.internal", "metadata")
+METADATA_ADDRESSES: Final = (
+    ipaddress.ip_address("169.254.169.254"),
+    ipaddress.ip_address("fd00:ec2::254"),
+)
 
 # Headers of the HTTP request being served, for the caller and trace log fields.
 # The SDK runs each stateless request in a task started from the request's
@@ -73,6 +88,11 @@ class ModelCard(TypedDict):
     model_sha: str
 
 
+class SourceCitation(TypedDict):
+    url: str
+    host: str
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     allowlist: tuple[str, ...]
@@ -82,6 +102,7 @@ class ServerConfig:
     extra_hosts: tuple[str, ...]
     max_request_bytes: int
     revision: str
+    source_hosts: tuple[str, ...] = DEFAULT_SOURCE_HOSTS
 
 
 def load_config(known_tools: tuple[str, ...]) -> ServerConfig:
@@ -92,7 +113,7 @@ def load_config(known_tools: tuple[str, ...]) -> ServerConfig:
             name.strip() for name in raw_allowlist.split(",") if name.strip()
         )
     else:
-        allowlist = known_tools
+        allowlist = tuple(name for name in DEFAULT_TOOLS if name in known_tools)
     unknown = [name for name in allowlist if name not in known_tools]
     if unknown or not allowlist:
         raise ConfigError(
@@ -117,6 +138,10 @@ def load_config(known_tools: tuple[str, ...]) -> ServerConfig:
     extra_hosts = tuple(
         host.strip() for host in env_str("MCP_ALLOWED_HOSTS").split(",") if host.strip()
     )
+    raw_source_hosts = env_str("MCP_SOURCE_HOSTS", ",".join(DEFAULT_SOURCE_HOSTS))
+    source_hosts = tuple(
+        host.strip().lower() for host in raw_source_hosts.split(",") if host.strip()
+    )
     return ServerConfig(
         allowlist=allowlist,
         model_id=env_str("MODEL_ID"),
@@ -127,6 +152,7 @@ def load_config(known_tools: tuple[str, ...]) -> ServerConfig:
             "MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES, 1024, 4 * 1024 * 1024
         ),
         revision=env_str("K_REVISION", "unknown"),
+        source_hosts=source_hosts,
     )
 
 
@@ -226,9 +252,49 @@ def lookup_doc_tool(config: ServerConfig) -> Callable[[str], str]:
     return lookup_doc
 
 
+def _url_problem(url: str, allowed_hosts: tuple[str, ...]) -> tuple[str, str] | None:
+    """Return (reason, message) when `url` must not be cited, or None when it may."""
+    if len(url) > MAX_URL_CHARS:
+        return "url_too_long", f"the URL is over {MAX_URL_CHARS} characters"
+    parts = urlsplit(url)
+    host = (parts.hostname or "").rstrip(".").lower()
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if host in METADATA_HOSTS or address in METADATA_ADDRESSES:
+        return "metadata_address", "the metadata server is never a source"
+    if host == "localhost" or (address is not None and not address.is_global):
+        return "private_address", "private, loopback and link-local hosts are rejected"
+    if parts.scheme != "https" or not host or parts.username or parts.password:
+        return "invalid_url", "use an https URL without credentials"
+    if not any(host == h or host.endswith("." + h) for h in allowed_hosts):
+        return "host_not_allowed", f"allowed hosts: {', '.join(allowed_hosts)}"
+    return None
+
+
+def cite_source_tool(config: ServerConfig) -> Callable[[str], SourceCitation]:
+    def cite_source(url: str) -> SourceCitation:
+        """Return a citation for a documentation URL on an allowed host.
+
+        The URL is validated only and never fetched.
+        """
+        problem = _url_problem(url, config.source_hosts)
+        if problem is not None:
+            reason, detail = problem
+            raise InvalidInput(
+                f"URL {truncate(url, 80)!r} is rejected: {detail}", reason=reason
+            )
+        parts = urlsplit(url)
+        return {"url": parts.geturl(), "host": (parts.hostname or "").lower()}
+
+    return cite_source
+
+
 TOOL_FACTORIES: Final[dict[str, Callable[[ServerConfig], Callable[..., Any]]]] = {
     "model_card": model_card_tool,
     "lookup_doc": lookup_doc_tool,
+    "cite_source": cite_source_tool,
 }
 
 

@@ -46,6 +46,11 @@ Send = Callable[[Message], Awaitable[None]]
 
 PORTS_KIND = "run.frontdoor-ports"
 LOOPBACK = "127.0.0.1"
+# The local "VPC": callers whose connection comes from these addresses count as
+# internal for ingress. Every other loopback source address (127.0.0.2 and up) is
+# treated as a caller on the internet, so a client that binds one gets the responses
+# an outside caller gets.
+VPC_ADDRESSES = frozenset({LOOPBACK, "::1"})
 
 # Cloud Run limits HTTP/1 request bodies to 32 MiB.
 MAX_REQUEST_BODY_BYTES = 32 * 1024 * 1024
@@ -205,6 +210,7 @@ class FrontDoors:
             return door.port
 
     def set_route(self, service_name: str, route: Route) -> None:
+        closing = []
         with self._lock:
             self._routes[service_name] = route
             self.ensure_port(service_name, "")
@@ -212,16 +218,25 @@ class FrontDoors:
                 self.ensure_port(service_name, tag)
             for key in list(self._doors):
                 if key[0] == service_name and key[1] and key[1] not in route.tags:
-                    self._close(key)
+                    closing.append(self._doors.pop(key))
                     self._forget_port(service_name, key[1])
+        # Stop the doors of removed tags after releasing the lock. Every request takes
+        # the lock (in `route`) on the event loop, so waiting under it would stall the
+        # loop that the stopping doors need, and every other URL's requests with it.
+        for door in closing:
+            self._stop(door)
 
     def remove_service(self, service_name: str) -> None:
         with self._lock:
             self._routes.pop(service_name, None)
-            for key in list(self._doors):
-                if key[0] == service_name:
-                    self._close(key)
+            closing = [
+                self._doors.pop(key)
+                for key in list(self._doors)
+                if key[0] == service_name
+            ]
             self._store.delete(PORTS_KIND, service_name)
+        for door in closing:
+            self._stop(door)
 
     def route(self, service_name: str) -> Route | None:
         with self._lock:
@@ -264,7 +279,9 @@ class FrontDoors:
         logger.info("front door of %s (%s) on port %d", service_name, label, door.port)
 
     def _close(self, key: tuple[str, str]) -> None:
-        door = self._doors.pop(key)
+        self._stop(self._doors.pop(key))
+
+    def _stop(self, door: _Door) -> None:
         if door.server is not None:
             door.server.should_exit = True
         if door.task is not None:
@@ -528,8 +545,7 @@ def _ingress_allows(ingress: int, remote_ip: str) -> bool:
     if ingress == run_v2.IngressTraffic.INGRESS_TRAFFIC_NONE:
         return False
     if ingress in _INTERNAL_INGRESS:
-        # localcloud models the VPC as loopback: every caller on this host is internal.
-        return remote_ip.startswith("127.") or remote_ip == "::1"
+        return remote_ip in VPC_ADDRESSES
     return True
 
 
