@@ -99,6 +99,10 @@ class RevisionName:
         )
 
 
+# How long stop() waits for one instance start that is in flight.
+STOP_WAIT_SECONDS = 60.0
+
+
 class Runtime:
     def __init__(self, cloud: LocalCloud) -> None:
         self.cloud = cloud
@@ -107,6 +111,9 @@ class Runtime:
         self._instances: dict[str, Instance] = {}
         self._revision_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+        # Set by stop(): a deploy still running in another thread must not leave an
+        # instance behind once the process is shutting down.
+        self._stopped = False
 
     # Lifecycle
 
@@ -120,6 +127,14 @@ class Runtime:
 
     def stop(self) -> None:
         self.frontdoors.stop()
+        with self._lock:
+            self._stopped = True
+            revision_locks = list(self._revision_locks.values())
+        # Wait for starts in flight: each holds its revision lock and, seeing the
+        # stop flag, stops what it started before releasing the lock.
+        for lock in revision_locks:
+            if lock.acquire(timeout=STOP_WAIT_SECONDS):
+                lock.release()
         with self._lock:
             instances, self._instances = self._instances, {}
         for name, instance in instances.items():
@@ -210,10 +225,25 @@ class Runtime:
                 self.stop_revision(revision_name)
             if revision is None:
                 revision = self._load_revision(revision_name)
+            self._raise_if_stopped(revision_name)
             instance = self._start_instance(revision)
             with self._lock:
-                self._instances[revision_name] = instance
+                stopped = self._stopped
+                if not stopped:
+                    self._instances[revision_name] = instance
+            if stopped:
+                instance.stop()
+                self._raise_if_stopped(revision_name)
             return instance
+
+    def _raise_if_stopped(self, revision_name: str) -> None:
+        with self._lock:
+            stopped = self._stopped
+        if stopped:
+            raise StartupError(
+                f"localcloud is shutting down; {revision_name} was not started.",
+                "INTERNAL",
+            )
 
     def write_logs(self, entries: list[LogEntry]) -> None:
         try:
