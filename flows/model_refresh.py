@@ -87,14 +87,17 @@ def model_refresh(request: RefreshRequest = DEFAULT_REQUEST) -> dict[str, Any]:
         refresh_is_current(serving, revision.sha)
         for serving in (llm_serving, mcp_serving)
     ):
-        # A run that crashed after promoting may not have retired the old keys yet.
+        # A run that crashed after promoting may not have retired the old keys or
+        # created the alerts yet; both steps converge and cost a few API reads.
         retire_old_keys(clients, config)
+        alerts = ensure_anomaly_alerts(clients, config)
         return _finish(
             config,
             revision,
             status="skipped",
             message=f"{revision.sha} already serves on both services; nothing to do.",
             servings={"llm": llm_serving, "mcp": mcp_serving},
+            alerts={"metrics": list(alerts.metrics), "policies": list(alerts.policies)},
         )
 
     files = download_model(revision, clients.hub_endpoint, token=hub_token)

@@ -174,7 +174,7 @@ class RegistryProcess:
         self._stop_orphan()
         port_file = self.root / "port"
         saved = int(port_file.read_text()) if port_file.is_file() else 0
-        candidates = [saved] if saved and _port_is_free(saved) else []
+        candidates = [saved] if saved and _wait_port_free(saved) else []
         # A free port found by binding can be taken again before the registry binds it,
         # so a failed start gets one more attempt on a fresh port.
         candidates += [_free_port(), _free_port()]
@@ -255,9 +255,10 @@ class RegistryProcess:
             logger.warning("stopping docker-registry %d left from a previous run", pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            # An exited process, zombie included, has an empty command line.
+            # Wait until it is gone or a zombie: its command line empties earlier in
+            # exit, before its sockets are closed.
             deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
-            while _cmdline(pid) == expected and time.monotonic() < deadline:
+            while _alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
         pid_file.unlink(missing_ok=True)
 
@@ -392,8 +393,33 @@ def _cmdline(pid: int) -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0")[:-1]]
 
 
+def _alive(pid: int) -> bool:
+    """Return whether `pid` exists and has not exited (a zombie has exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    # The state follows the parenthesised command name, which may contain spaces.
+    state = stat.rsplit(")", 1)[-1].split()[0]
+    return state not in ("Z", "X")
+
+
+def _wait_port_free(port: int, timeout: float = 2.0) -> bool:
+    """Return whether `port` becomes free within `timeout`: a registry stopped a
+    moment ago may still hold it while the kernel finishes closing its socket."""
+    deadline = time.monotonic() + timeout
+    while not _port_is_free(port):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def _port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # docker-registry (Go) binds with SO_REUSEADDR, so connections of a stopped
+        # registry still in TIME_WAIT do not keep it off its port; test the same way.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((LOOPBACK, port))
         except OSError:

@@ -195,8 +195,8 @@ class TestRollouts:
         assert after.latest_created_revision != before.latest_created_revision
         assert CANDIDATE_TAG not in tags(after)
 
-    # Five flow runs in a row: more than the suite's default per-test timeout.
-    @pytest.mark.timeout(600)
+    # Nine flow runs in a row: more than the suite's default per-test timeout.
+    @pytest.mark.timeout(900)
     def test_killed_rollout_converges_on_rerun(
         self,
         cloud: LocalCloud,
@@ -211,10 +211,14 @@ class TestRollouts:
         # Each rerun crashes at the next boundary, so every boundary is both a
         # crash point and a state that a rerun starts from.
         boundaries = [
+            ("download_model", 1),  # files downloaded and verified
+            ("build_llm_image", 1),  # LLM image pushed, MCP image not yet
+            ("rotate_api_key", 1),  # key version added, nothing deployed
             ("deploy_candidate", 1),  # LLM candidate deployed
             ("set_invokers", 2),  # both candidates deployed, before the gate
             ("promote", 1),  # LLM promoted, MCP not yet
             ("promote", 2),  # both promoted, before alerts and the report
+            ("ensure_anomaly_alerts", 1),  # alerts in place, no report yet
         ]
         for function_name, call_number in boundaries:
             with monkeypatch.context() as patch:
