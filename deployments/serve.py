@@ -1,8 +1,8 @@
 """Serve the refresh and watcher deployments from this machine (Prefect OSS).
 
-- `model-refresh/nightly`: runs at 02:00 UTC every night and can be started by hand from
-  the Prefect UI with a form for its typed parameters; it also runs whenever the watcher
-  announces a new commit, for exactly that commit sha.
+- `model-refresh/nightly`: runs at 02:00 UTC every night, and can be started by hand
+  from the Prefect UI with a form for its typed parameters. It also runs whenever the
+  watcher announces a new commit, for exactly that commit sha.
 - `watch-models/hub-poll`: checks the Hub every 10 minutes.
 
 Run with `python -m deployments.serve` while a Prefect server is up

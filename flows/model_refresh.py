@@ -1,9 +1,12 @@
 """The main job: refresh the LLM and MCP services to a model revision, safely.
 
-Steps: resolve the revision to a commit sha; stop when that sha already serves;
-download and verify the serving files; build and push both images; rotate the API key;
-deploy both services as tagged candidates; check them; promote, or roll back on a
-failed check; keep the anomaly alerts in place; write the report.
+Steps, in order:
+1. resolve the revision to a commit sha, and stop when that sha already serves;
+2. download and verify the serving files;
+3. build and push both images, and rotate the API key;
+4. deploy both services as tagged candidates and check them;
+5. promote, or roll back on a failed check;
+6. keep the anomaly alerts in place and write the report.
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ def model_refresh(request: RefreshRequest = DEFAULT_REQUEST) -> dict[str, Any]:
         for serving in (llm_serving, mcp_serving)
     ):
         # A run that crashed after promoting may not have retired the old keys or
-        # created the alerts yet; both steps converge and cost a few API reads.
+        # created the alerts yet. Both steps converge and cost only a few API reads.
         retire_old_keys(clients, config)
         alerts = ensure_anomaly_alerts(clients, config)
         return _finish(

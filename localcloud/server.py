@@ -36,7 +36,7 @@ ENDPOINTS_FILE = "endpoints.json"
 
 @dataclass(frozen=True)
 class Endpoints:
-    """Where a running localcloud listens; written to `<state_dir>/endpoints.json`."""
+    """Addresses of a running localcloud, written to `<state_dir>/endpoints.json`."""
 
     grpc: str  # host:port of every Google API
     registry: str  # host:port of the OCI registry (plain HTTP)

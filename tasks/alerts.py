@@ -155,7 +155,7 @@ def _threshold_policy(
 
 
 def _log_match_policy(config: RefreshConfig, channel: str) -> monitoring_v3.AlertPolicy:
-    """One log-match condition per policy, with the rate limit such policies require."""
+    """Build the log-match policy: one condition plus the required rate limit."""
     Policy = monitoring_v3.AlertPolicy
     return Policy(
         display_name="model-refresh: llm_output_blocked",

@@ -53,8 +53,8 @@ MCP_STATELESS_SESSIONS = 4
 MCP_OVERSIZED_ARGUMENT_CHARS = 8192
 SEVERITY_ORDER: Final = ("critical", "high", "medium", "low")
 
-# Env names whose words say they hold a secret (API_KEY, HF_TOKEN, DB_PASSWORD), and
-# values shaped like well-known credentials, whatever the name.
+# Env names whose words mark a secret (API_KEY, HF_TOKEN, DB_PASSWORD), and values
+# shaped like well-known credentials, whatever the name.
 _SECRET_NAME = re.compile(
     r"(^|_)(API_?KEY|KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?)(_|$)", re.IGNORECASE
 )

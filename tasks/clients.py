@@ -3,8 +3,7 @@
 A GCP target gets the default clients (Application Default Credentials, TLS, the public
 endpoints). A local target gets the same client classes on an insecure gRPC channel to
 localcloud, because `client_options` with a loopback endpoint alone still negotiates
-TLS.
-Nothing else in the pipeline knows which target it talks to.
+TLS. No other module depends on which target the clients talk to.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Typed configuration: the target a refresh deploys to and the request a run serves.
 
 Every rule here runs before any cloud call. A message names the field, shows the value
-and says how to fix it, because the same models back the Prefect UI form.
+and states the fix, because the same models back the Prefect UI form.
 """
 
 from __future__ import annotations
@@ -266,7 +266,7 @@ class LlmSettings(ServiceSettings):
         1800,
         ge=10,
         le=3600,
-        description="Longest startup window (failure_threshold * period) to accept",
+        description="Maximum startup window (failure_threshold * period) accepted",
     )
     expected_model_gib: float | None = Field(
         None,

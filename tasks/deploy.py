@@ -60,7 +60,7 @@ OPERATION_TIMEOUT_SECONDS = 900
 LOG_LINES_ON_FAILURE = 10
 # Phrases of a Ready condition message that tell an exit from a startup timeout:
 # localcloud's wording, plus phrases reported from Cloud Run messages. NOTE: Cloud
-# Run does not document its wording, so an unmatched message says only "failed".
+# Run does not document its wording, so an unmatched message reports only "failed".
 _EXITED = re.compile(r"exited with code|called exit\(|exit code", re.IGNORECASE)
 _TIMED_OUT = re.compile(
     r"did not pass|allocated timeout|timed? ?out|probe failed", re.IGNORECASE
@@ -617,7 +617,7 @@ def _wait(clients: Clients, operation: Any, service: str, revision: str) -> None
 def _raise_if_failed(clients: Clients, service: str, revision: str) -> None:
     """Raise RevisionNotReady when the revision's Ready condition failed.
 
-    The message quotes the condition and the revision's last log lines, and says
+    The message quotes the condition and the revision's last log lines. It states
     whether the container timed out loading or exited.
     """
     try:

@@ -1,8 +1,8 @@
 """Build and push the LLM and MCP images: base image -> app and weights layers -> push.
 
-The app layer holds the `containers` package under /app; the LLM image adds the verified
-model files under /models/model. Both are deterministic, so an unchanged model or app
-produces the same digest and the push uploads nothing.
+The app layer contains the `containers` package under /app, and the LLM image adds the
+verified model files under /models/model. Both are deterministic, so an unchanged
+model or app produces the same digest and the push uploads nothing.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def ensure_repository(clients: Clients) -> str:
 
 
 def app_layer() -> oci.Layer:
-    """The service code: every source file of the `containers` package, under /app."""
+    """Build the app layer: each source file of the `containers` package, in /app."""
     source = REPO_ROOT / "containers"
     files: dict[str, Path | bytes] = {}
     for path in sorted(source.rglob("*")):

@@ -404,8 +404,9 @@ def _make_real_dirs(base: Path, parts: list[str]) -> None:
 def _verified_snapshot(
     revision: ModelRevision, snapshot: Path, marker: Path
 ) -> dict[str, Path] | None:
-    """Return the staged files if the marker vouches for every one of them as it is
-    on disk now (same size, inode, mtime and ctime); otherwise None."""
+    """Return the staged files, or None unless the marker matches every file on disk.
+
+    A file matches when its size, inode, mtime and ctime equal the recorded ones."""
     try:
         recorded = json.loads(marker.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):

@@ -11,14 +11,13 @@ whose digest is known is checked with HEAD first and mounted from another reposi
 the same registry when possible.
 
 A missing blob goes up as one monolithic `PUT ?digest=` after a `POST`, as Artifact
-Registry requires. That PUT needs the digest
-before the body, so a new layer is read twice: once to measure it, once to upload it,
-unless its digest cache contains the digest. A client with `single_patch_uploads`
-reads a layer missing from its digest cache only once: tar, compression, the two hashes
-and the upload run together as one streamed `PATCH`, and the closing `PUT ?digest=`
-carries the digest measured on the way, as `docker push` does. A second `PATCH` for the
-same upload is never sent, because Artifact Registry rejects chunked uploads. Memory
-stays flat either way, whatever the file sizes.
+Registry requires. That PUT needs the digest before the body, so a new layer is read
+twice, once to measure it and once to upload it, unless its digest cache contains the
+digest. A client with `single_patch_uploads` reads such a layer only once. Tar,
+compression, the two hashes and the upload run together as one streamed `PATCH`, and
+the closing `PUT ?digest=` carries the digest measured on the way. A second `PATCH`
+for the same upload is never sent, because Artifact Registry rejects chunked uploads.
+Memory stays flat either way, whatever the file sizes.
 
 This module has no Prefect imports: the Prefect tasks wrap it.
 """
@@ -889,7 +888,7 @@ class RegistryClient:
         """Make `layer` exist in `ref`'s repository and return its digests.
 
         A layer is measured first, then pushed with `push_blob`: HEAD, mount, or a
-        monolithic upload. A layer whose digest cache knows it skips the measuring
+        monolithic upload. A layer whose digest is in the cache skips the measuring
         pass. With `single_patch_uploads` and a cache miss, the layer is read once
         instead: tar, compression, both hashes and the upload run together in one
         streamed PATCH, and the digest goes in the closing PUT.

@@ -4,12 +4,12 @@ A rotation adds one version and the deploy pins that version's number. If an ear
 added a version and then died before a revision started using it, the rerun reuses that
 version instead of adding another, so repeated attempts never pile up versions.
 
-Retirement is staged so that nothing a revision may still start with disappears: a
+Retirement is staged so that nothing a revision may still start with disappears. A
 version that no revision with traffic or a tag references is first recorded as
-unreferenced, disabled once the rollback window has passed since then, and destroyed
-once the destroy grace period has passed since it was disabled. The timestamps of
-these stages are kept as annotations on the secret, so every step survives a crash and
-a rerun continues where the last run stopped.
+unreferenced. It is disabled once the rollback window has passed since then, and
+destroyed once the destroy grace period has passed since it was disabled. The
+timestamps of these stages are kept as annotations on the secret, so every step
+survives a crash and a rerun continues where the last run stopped.
 """
 
 from __future__ import annotations
@@ -172,8 +172,8 @@ def retire_secret_versions(
 ) -> Retirement:
     """Advance each version of a secret that nothing references one retirement stage.
 
-    `referenced` holds the full version names that revisions with traffic or a tag
-    (such as `rollback`) pin; those versions are never disabled. The newest enabled
+    `referenced` contains the full version names that revisions with traffic or a
+    tag (such as `rollback`) pin. Those versions are never disabled. The newest enabled
     version is kept too, because the next deploy pins it.
     """
     logger = get_run_logger()
@@ -301,11 +301,11 @@ def referenced_secret_versions(clients: Clients, service_id: str) -> set[str]:
 
 
 def rollout_canary(api_key: str, model_sha: str) -> str:
-    """Return the system-prompt canary of one rollout, in new_canary's format.
+    """Return the system-prompt canary of one rollout: `canary-` and 24 hex digits.
 
     It is an HMAC of the model sha under the API key, so a rerun after a crash gets
-    the same canary (and so the same revision spec), while nobody without the key
-    can predict it.
+    the same canary and therefore the same revision spec. Without the key the canary
+    cannot be predicted.
     """
     digest = hmac.new(api_key.encode(), model_sha.encode(), hashlib.sha256)
     return f"canary-{digest.hexdigest()[:24]}"

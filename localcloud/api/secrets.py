@@ -355,8 +355,8 @@ class SecretManager:
         self, request: iam_policy_pb2.TestIamPermissionsRequest
     ) -> iam_policy_pb2.TestIamPermissionsResponse:
         self._secret_document(request.resource)
-        # NOTE: requests are anonymous here, so the caller has every Secret Manager
-        # permission it asks about.
+        # NOTE: requests are anonymous here, so the caller is granted every Secret
+        # Manager permission it requests.
         granted = [p for p in request.permissions if p.startswith("secretmanager.")]
         return iam_policy_pb2.TestIamPermissionsResponse(permissions=granted)
 
