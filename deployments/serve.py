@@ -4,6 +4,9 @@
   from the Prefect UI with a form for its typed parameters. It also runs whenever the
   watcher announces a new commit, for exactly that commit sha.
 - `watch-models/hub-poll`: checks the Hub every 10 minutes.
+- `security-audit/daily`: audits the services as they serve at 03:00 UTC every day,
+  an hour after the nightly refresh, so a setting changed by hand since the last
+  refresh fails a flow run instead of waiting for the next deploy.
 
 Run with `python -m deployments.serve` while a Prefect server is up
 (`prefect server start --host 127.0.0.1`) and PREFECT_API_URL points at it.
@@ -22,9 +25,11 @@ from prefect.events import DeploymentEventTrigger
 from prefect.schedules import Cron
 
 from flows.model_refresh import model_refresh
+from flows.security_audit import security_audit
 from flows.watch_models import NEW_REVISION_EVENT, model_resource_id, watch_models
 
 NIGHTLY_CRON = "0 2 * * *"
+AUDIT_CRON = "0 3 * * *"
 WATCH_INTERVAL_SECONDS = 600
 
 
@@ -70,7 +75,17 @@ def build_deployments(target_config: str, repo_id: str) -> list:
         tags=["model-refresh"],
         description="Announce new commits of the served model",
     )
-    return [refresh, watcher]
+    audit = security_audit.to_deployment(
+        name="daily",
+        schedule=Cron(AUDIT_CRON, timezone="UTC"),
+        parameters={"request": {"target_config": target_config}},
+        concurrency_limit=ConcurrencyLimitConfig(
+            limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
+        ),
+        tags=["model-refresh"],
+        description="Audit the LLM and MCP services as they serve now",
+    )
+    return [refresh, watcher, audit]
 
 
 def main() -> None:

@@ -3,10 +3,11 @@
 Steps, in order:
 1. resolve the revision to a commit sha, and stop when that sha already serves;
 2. download and verify the serving files;
-3. build and push both images, and rotate the API key;
+3. build and push both images, rotate the API key, and put the anomaly alerts in
+   place, so the gate can check them and they watch the candidates from the start;
 4. deploy both services as tagged candidates and check them;
 5. promote, or roll back on a failed check;
-6. keep the anomaly alerts in place and write the report.
+6. write the report.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from prefect.logging import get_run_logger
 from tasks.alerts import ensure_anomaly_alerts
 from tasks.checks import (
     CheckResult,
+    check_alerting,
     check_llm_guard,
     check_mcp,
     check_service,
@@ -112,6 +114,7 @@ def model_refresh(request: RefreshRequest = DEFAULT_REQUEST) -> dict[str, Any]:
         config.llm.api_key_secret,
         in_use_versions(llm_serving, mcp_serving, model_sha=revision.sha),
     )
+    alerts = ensure_anomaly_alerts(clients, config)
 
     candidates: list[Candidate] = []
     try:
@@ -155,7 +158,6 @@ def model_refresh(request: RefreshRequest = DEFAULT_REQUEST) -> dict[str, Any]:
         promote(clients, candidate) if passed else roll_back(clients, candidate)
     if passed:
         retire_old_keys(clients, config)
-    alerts = ensure_anomaly_alerts(clients, config)
 
     report = _finish(
         config,
@@ -205,6 +207,7 @@ def run_gate(
     )
     checks += check_service(clients, config.mcp, mcp, mcp_identity, MCP_HEALTH_PATH)
     checks += check_mcp(config.mcp, mcp.tag_url, mcp_identity.invoker_token)
+    checks += check_alerting(clients, config)
     return checks
 
 

@@ -5,7 +5,7 @@ Steps:
 2. read its configuration, IAM policy and secret versions back;
 3. probe the service URL: IAM, the LLM guard, the MCP tools;
 4. check the anomaly log metrics and alert policies;
-5. write the report.
+5. write the report, and fail the flow run when a check failed.
 
 The probes go only to the URLs that Cloud Run reports for the services of the target
 config.
@@ -35,7 +35,7 @@ from tasks.checks import (
 from tasks.clients import Clients, clients_for
 from tasks.config import RefreshConfig, load_config
 from tasks.deploy import Candidate, read_serving
-from tasks.errors import AuditError, RefreshError
+from tasks.errors import AuditError, AuditFailed, RefreshError
 from tasks.report import build_audit_report, write_report
 
 
@@ -122,6 +122,9 @@ def security_audit(request: AuditRequest | None = None) -> dict[str, Any]:
     report["report_path"] = str(write_report(report, config.report_dir))
     if report["status"] != "passed":
         get_run_logger().warning("Security audit failed: %s", report["message"])
+        raise AuditFailed(
+            f"{report['message']} Report: {report['report_path']}", report
+        )
     return report
 
 
@@ -138,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         report = security_audit(AuditRequest(target_config=args.target))
+    except AuditFailed as exc:
+        report = exc.report
     except RefreshError as exc:
         print(f"security-audit: {exc}", file=sys.stderr)
         return 2

@@ -1298,12 +1298,34 @@ def check_llm_guard(
     """Probe the guard of one LLM revision: chat, canary battery, caps, log events."""
     full = f"{clients.location}/services/{settings.name}/revisions/{revision}"
     canary = container_env(clients.revisions.get_revision(name=full), CANARY_ENV)
-    results = [probe_llm_chat(settings, url, id_token, api_key)]
-    results += probe_llm_guard(
-        clients, settings, url, revision, id_token, api_key, canary
-    )
+    chat = probe_llm_chat(settings, url, id_token, api_key)
+    if chat.passed:
+        results = [chat]
+        results += probe_llm_guard(
+            clients, settings, url, revision, id_token, api_key, canary
+        )
+    else:
+        # A revision that cannot answer one chat request fails the gate anyway, and
+        # on a hung one each request of the battery would wait out its own timeout.
+        results = [chat, *guard_not_run(settings.name, chat.evidence)]
     log_outcome(f"{settings.name} guard", results)
     return results
+
+
+GUARD_BATTERY_CHECKS: Final = (
+    "llm.canary-not-leaked",
+    "llm.body-cap",
+    "llm.max-tokens-cap",
+    "llm.rejections-logged",
+)
+
+
+def guard_not_run(name: str, chat_evidence: str) -> list[CheckResult]:
+    """Fail the guard battery's checks without sending it, after a failed chat."""
+    evidence = f"not run, because the chat probe failed first ({chat_evidence})"
+    return [
+        _result(check_id, name, False, evidence) for check_id in GUARD_BATTERY_CHECKS
+    ]
 
 
 @task(cache_policy=NO_CACHE)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class RefreshError(Exception):
     """Base class for every error the refresh pipeline raises deliberately."""
@@ -41,3 +43,15 @@ class RevisionNotReady(DeployError):
 
 class AuditError(RefreshError):
     """A security audit cannot start: a service is missing or splits its traffic."""
+
+
+class AuditFailed(RefreshError):
+    """A security audit ran and at least one check failed. `report` contains every check.
+
+    Raising marks the flow run failed, so Prefect notifications on failed runs also
+    cover a scheduled audit that finds a problem.
+    """
+
+    def __init__(self, message: str, report: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.report = report

@@ -41,7 +41,7 @@ from prefect.settings import (
     temporary_settings,
 )
 
-from deployments.serve import NIGHTLY_CRON, WATCH_INTERVAL_SECONDS
+from deployments.serve import AUDIT_CRON, NIGHTLY_CRON, WATCH_INTERVAL_SECONDS
 from flows.watch_models import NEW_REVISION_EVENT, model_resource_id, watch_models
 from localcloud.hub.__main__ import publish_next
 from localcloud.server import LocalCloud
@@ -53,6 +53,7 @@ from tests.conftest import REPO_ROOT
 REPO = "local-models/tiny-llama"
 REFRESH = "model-refresh/nightly"
 WATCHER = "watch-models/hub-poll"
+AUDIT = "security-audit/daily"
 SHA = re.compile(r"[0-9a-f]{40}")
 # Event used only by these tests to flush the event pipeline. Events from one client
 # arrive in order, so once the server stores the marker, it has received every event
@@ -85,6 +86,7 @@ class PrefectServer:
 class Served:
     refresh: DeploymentResponse
     watcher: DeploymentResponse
+    audit: DeploymentResponse
     log: Path
 
 
@@ -241,12 +243,13 @@ def served(
                 try:
                     refresh = client.read_deployment_by_name(REFRESH)
                     watcher = client.read_deployment_by_name(WATCHER)
+                    audit = client.read_deployment_by_name(AUDIT)
                 except ObjectNotFound:
                     return None
                 # serve creates the trigger's automation after the deployment.
                 if not _automations(client, refresh.id):
                     return None
-                return Served(refresh, watcher, log)
+                return Served(refresh, watcher, audit, log)
 
             deployments = _wait_for(
                 ready, SERVE_START_TIMEOUT, "both deployments and the trigger", log
@@ -375,6 +378,18 @@ class TestDeploymentsOnServer:
         assert len(schedules) == 1
         interval = getattr(schedules[0].schedule, "interval", None)
         assert interval == timedelta(seconds=WATCH_INTERVAL_SECONDS)
+
+    def test_audit_runs_daily_at_three_utc(self, served: Served, target: Path) -> None:
+        schedules = served.audit.schedules
+        assert len(schedules) == 1
+        assert getattr(schedules[0].schedule, "cron", None) == AUDIT_CRON
+        assert getattr(schedules[0].schedule, "timezone", None) == "UTC"
+        assert AUDIT_CRON == "0 3 * * *"
+        request = served.audit.parameters["request"]
+        assert request == {"target_config": str(target)}
+        options = served.audit.concurrency_options
+        assert options is not None
+        assert options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
 
     def test_form_is_refresh_request_model(self, served: Served) -> None:
         schema = served.refresh.parameter_openapi_schema

@@ -214,11 +214,11 @@ class TestRollouts:
             ("download_model", 1),  # files downloaded and verified
             ("build_llm_image", 1),  # LLM image pushed, MCP image not yet
             ("rotate_api_key", 1),  # key version added, nothing deployed
+            ("ensure_anomaly_alerts", 1),  # alerts in place, nothing deployed
             ("deploy_candidate", 1),  # LLM candidate deployed
             ("set_invokers", 2),  # both candidates deployed, before the gate
             ("promote", 1),  # LLM promoted, MCP not yet
-            ("promote", 2),  # both promoted, before alerts and the report
-            ("ensure_anomaly_alerts", 1),  # alerts in place, no report yet
+            ("promote", 2),  # both promoted, no report yet
         ]
         for function_name, call_number in boundaries:
             with monkeypatch.context() as patch:

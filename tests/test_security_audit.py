@@ -8,6 +8,7 @@ through the Cloud Run API makes the next audit fail exactly that check.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,11 @@ from google.protobuf import field_mask_pb2
 from containers.mcp.server import _url_problem
 from flows.model_refresh import model_refresh
 from flows.security_audit import AuditRequest, security_audit
+from tasks import checks
 from tasks.checks import CANARY_ENV, CATALOGUE, container_env
 from tasks.clients import clients_for
 from tasks.config import RefreshRequest, load_config
+from tasks.errors import AuditFailed
 
 # Checks that need an external load balancer, which the local target does not have.
 NOT_LOCAL = {"edge.tls-policy"}
@@ -78,7 +81,13 @@ def sent_urls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def _audit(target: Path) -> dict[str, Any]:
-    report: dict[str, Any] = security_audit(AuditRequest(target_config=str(target)))
+    """Run the audit flow; return its report whether or not every check passed."""
+    try:
+        report: dict[str, Any] = security_audit(AuditRequest(target_config=str(target)))
+    except AuditFailed as exc:
+        assert exc.report["status"] == "failed"
+        return exc.report
+    assert report["status"] == "passed"
     return report
 
 
@@ -99,6 +108,8 @@ def test_refresh_gate_runs_live_probes(refresh_report: dict[str, Any]) -> None:
         "mcp.path-traversal-rejected",
         "mcp.private-url-rejected",
         "mcp.stateless-sessions",
+        "alerting.log-metrics",
+        "alerting.policies-enabled",
     } <= ids
 
 
@@ -156,6 +167,68 @@ def test_canary_never_reaches_logs(
     assert len(canary) >= 16
     assert logged
     assert [line for line in logged if canary in line] == []
+
+
+class HungServer:
+    """A loopback TCP server that accepts connections and never answers."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.accepted: list[socket.socket] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.listener.getsockname()
+        return f"http://{host}:{port}"
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            self.accepted.append(connection)
+
+    def __enter__(self) -> HungServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+        for connection in self.accepted:
+            connection.close()
+        self.listener.close()
+
+
+def test_guard_battery_skipped_on_hung_candidate(
+    refresh_report: dict[str, Any], target: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = load_config(target)
+    clients = clients_for(config.target)
+    service = clients.services.get_service(
+        name=f"{clients.location}/services/{config.llm.name}"
+    )
+    revision = service.latest_ready_revision.rsplit("/", 1)[-1]
+    monkeypatch.setattr(checks, "PROBE_TIMEOUT_SECONDS", 1.0)
+
+    with HungServer() as hung:
+        results = checks.check_llm_guard(
+            clients, config.llm, hung.url, revision, "id-token", "api-key"
+        )
+        connections = len(hung.accepted)
+
+    assert [r.id for r in results] == [
+        "llm.chat-answers",
+        *checks.GUARD_BATTERY_CHECKS,
+    ]
+    assert [r.passed for r in results] == [False] * len(results)
+    assert "ReadTimeout" in results[0].evidence
+    assert results[1].evidence.startswith("not run")
+    assert connections == 1
 
 
 def test_ingress_all_fails_audit(refresh_report: dict[str, Any], target: Path) -> None:
