@@ -10,6 +10,12 @@ therefore leaves `*.incomplete` files and no marker, and the next run resumes th
 
 A watchdog cancels a transfer that receives fewer than `MIN_PROGRESS_BYTES` within the
 stall timeout, resumes it once with a Range request, then fails with the file name.
+
+Small files come first, one at a time, so a weights index that names a missing shard
+fails the run before any large file is fetched. The safetensors files then download
+in parallel, `DOWNLOAD_WORKERS` at a time, because one connection to a CDN rarely
+fills the link. Inside a Prefect run, a progress artifact shows the share of bytes
+received, next to the log lines with bytes and rate.
 """
 
 from __future__ import annotations
@@ -21,8 +27,11 @@ import logging
 import os
 import re
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextvars import copy_context
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -42,7 +51,9 @@ from huggingface_hub.utils import (
     hf_raise_for_status,
 )
 from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from pydantic import SecretStr
@@ -65,6 +76,9 @@ CONNECT_SECONDS: Final = 30.0
 # One retry after a stall or a dropped connection, resumed from the bytes on disk.
 TRANSFER_ATTEMPTS: Final = 2
 PROGRESS_LOG_SECONDS: Final = 10.0
+# Parallel transfers of safetensors files. Each buffers up to WRITE_BUFFER bytes.
+DOWNLOAD_WORKERS: Final = 4
+PROGRESS_ARTIFACT_KEY: Final = "model-download"
 INCOMPLETE_SUFFIX: Final = ".incomplete"
 WEIGHTS_INDEX_SUFFIX: Final = ".safetensors.index.json"
 
@@ -98,6 +112,10 @@ class ModelRevision:
 
 class TransferStalled(Exception):
     """A transfer received too few bytes within the stall timeout."""
+
+
+class TransferCancelled(Exception):
+    """A parallel transfer stopped because another file of the snapshot failed."""
 
 
 def default_cache_dir() -> Path:
@@ -249,12 +267,17 @@ def download_model(
     cache_dir: Path | None = None,
     token: SecretStr | None = None,
     stall_seconds: float = STALL_SECONDS,
+    workers: int = DOWNLOAD_WORKERS,
 ) -> dict[str, Path]:
     """Download the serving files of a commit; verify each against the Hub's metadata.
 
     Returns the in-repository path of each file mapped to a regular file inside the
     snapshot folder; the image build reads only these.
     """
+    if workers < 1:
+        raise DownloadError(
+            f"invalid workers value {workers}: use 1 or more parallel transfers"
+        )
     if not _COMMIT_SHA.match(revision.sha):
         raise DownloadError(
             f"revision sha {revision.sha!r} is not a 40-hex commit sha: resolve the "
@@ -271,7 +294,7 @@ def download_model(
     with open(snapshot.with_name(f"{revision.sha}.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         return _download_snapshot(
-            revision, hub_endpoint, snapshot, token, stall_seconds
+            revision, hub_endpoint, snapshot, token, stall_seconds, workers
         )
 
 
@@ -281,6 +304,7 @@ def _download_snapshot(
     snapshot: Path,
     token: SecretStr | None,
     stall_seconds: float,
+    workers: int,
 ) -> dict[str, Path]:
     logger = _logger()
     marker = snapshot.with_name(f"{revision.sha}.verified.json")
@@ -296,18 +320,23 @@ def _download_snapshot(
 
     # The marker goes first, so a run killed from here on leaves no complete snapshot.
     marker.unlink(missing_ok=True)
+    total = sum(item.size for item in revision.files)
     session = _Transfer(hub_endpoint, _token(token), stall_seconds, logger)
+    session.progress = _SnapshotProgress(revision, total, logger)
     started = time.monotonic()
     staged = {}
-    # Small files first: a weights index that names a missing shard fails the run
-    # before any large file is fetched.
-    for item in sorted(revision.files, key=lambda f: (f.size, f.path)):
+    ordered = sorted(revision.files, key=lambda f: (f.size, f.path))
+    weights = [item for item in ordered if item.path.endswith(".safetensors")]
+    for item in ordered:
+        if item in weights:
+            continue
         staged[item.path] = _fetch_file(session, revision, item, snapshot)
         if item.path.endswith(WEIGHTS_INDEX_SUFFIX):
             check_weight_index(revision, item.path, staged[item.path])
+    staged.update(_fetch_parallel(session, revision, weights, snapshot, workers))
+    session.progress.finish()
 
     _write_marker(marker, revision, staged)
-    total = sum(item.size for item in revision.files)
     elapsed = max(time.monotonic() - started, 1e-6)
     logger.info(
         "Downloaded and verified %d files (%d bytes) of %s@%s in %.1f s (%.1f MiB/s)",
@@ -341,6 +370,42 @@ def check_weight_index(revision: ModelRevision, index_path: str, local: Path) ->
                 f"{revision.repo_id}@{revision.sha} does not contain or allow_patterns "
                 "excludes: publish the missing shard or widen allow_patterns"
             )
+
+
+def _fetch_parallel(
+    session: _Transfer,
+    revision: ModelRevision,
+    items: list[RemoteFile],
+    snapshot: Path,
+    workers: int,
+) -> dict[str, Path]:
+    """Fetch `items` on up to `workers` threads; the first failure stops the rest."""
+    if not items:
+        return {}
+    staged: dict[str, Path] = {}
+    with ThreadPoolExecutor(
+        max_workers=min(workers, len(items)), thread_name_prefix="hub-download"
+    ) as pool:
+        # Each thread runs in a copy of this context, so Prefect's run logger works
+        # there too.
+        futures = {
+            pool.submit(
+                copy_context().run, _fetch_file, session, revision, item, snapshot
+            ): item
+            for item in items
+        }
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [future for future in done if future.exception() is not None]
+        if failed:
+            # Running transfers stop at their next chunk, and queued ones never start.
+            session.cancelled.set()
+            for future in futures:
+                future.cancel()
+            wait(futures)
+            raise failed[0].exception()  # type: ignore[misc]
+        for future, item in futures.items():
+            staged[item.path] = future.result()
+    return staged
 
 
 def verify_file(item: RemoteFile, local: Path) -> None:
@@ -502,6 +567,15 @@ class _Transfer:
             stall_seconds, connect=min(CONNECT_SECONDS, stall_seconds)
         )
         self.bytes_received = 0
+        self.cancelled = threading.Event()
+        self.progress: _SnapshotProgress | None = None
+        self._lock = threading.Lock()
+
+    def received(self, count: int) -> None:
+        with self._lock:
+            self.bytes_received += count
+        if self.progress is not None:
+            self.progress.add(count)
 
     def url(self, revision: ModelRevision, path: str) -> str:
         return hf_hub_url(
@@ -526,6 +600,8 @@ def _fetch_file(
         try:
             verify_file(item, local)
             session.logger.debug("Kept the verified file %s", local)
+            if session.progress is not None:
+                session.progress.add(item.size)
             return local
         except DownloadError as exc:
             session.logger.warning("Fetching %s again: %s", item.path, exc)
@@ -628,11 +704,15 @@ def _copy_with_watchdog(
     # The bytes received before a stall stay in the file, so the retry resumes there.
     try:
         for chunk in chunks:
+            if session.cancelled.is_set():
+                raise TransferCancelled(
+                    f"download of {item.path} stopped because another file failed"
+                )
             digest.update(chunk)
             buffered.write(chunk)
             written += len(chunk)
             window_bytes += len(chunk)
-            session.bytes_received += len(chunk)
+            session.received(len(chunk))
             now = time.monotonic()
             if now - window_start >= session.stall_seconds:
                 if window_bytes < MIN_PROGRESS_BYTES:
@@ -704,6 +784,55 @@ class _Progress:
             rate,
             self.offset / _MIB,
         )
+
+
+class _SnapshotProgress:
+    """A Prefect progress artifact for the bytes of one snapshot, inside a run only.
+
+    Updates are rate-limited to one every PROGRESS_LOG_SECONDS. A failed update is
+    logged once and never fails the download.
+    """
+
+    def __init__(self, revision: ModelRevision, total: int, logger: Logger) -> None:
+        self.total = total
+        self.logger = logger
+        self.done = 0
+        self.next_update = time.monotonic() + PROGRESS_LOG_SECONDS
+        self.artifact_id: Any = None
+        self._lock = threading.Lock()
+        if FlowRunContext.get() is None and TaskRunContext.get() is None:
+            return
+        try:
+            self.artifact_id = create_progress_artifact(
+                0.0,
+                key=PROGRESS_ARTIFACT_KEY,
+                description=f"Download of {revision.repo_id}@{revision.sha} "
+                f"({total / _MIB:.1f} MiB)",
+            )
+        except Exception as exc:  # progress display only; the download goes on
+            logger.warning("Could not create the download progress artifact: %s", exc)
+
+    def add(self, count: int) -> None:
+        with self._lock:
+            self.done += count
+            now = time.monotonic()
+            if self.artifact_id is None or now < self.next_update:
+                return
+            self.next_update = now + PROGRESS_LOG_SECONDS
+            self._update(self.done)
+
+    def finish(self) -> None:
+        with self._lock:
+            if self.artifact_id is not None:
+                self._update(self.total)
+
+    def _update(self, done: int) -> None:
+        percent = 100.0 * done / self.total if self.total else 100.0
+        try:
+            update_progress_artifact(self.artifact_id, min(percent, 100.0))
+        except Exception as exc:  # progress display only; the download goes on
+            self.logger.warning("Could not update the progress artifact: %s", exc)
+            self.artifact_id = None
 
 
 def _raise_for_download(response: Any, item: RemoteFile) -> None:

@@ -25,6 +25,7 @@ from pydantic import SecretStr
 from safetensors.numpy import save
 
 from localcloud.hub import HubServer
+from tasks import model
 from tasks.config import RefreshRequest, parse_request
 from tasks.errors import ConfigError, DownloadError, ModelSourceError
 from tasks.model import (
@@ -303,6 +304,112 @@ def test_symlinked_cache_folder_replaced(hub: HubServer, tmp_path: Path) -> None
     for local in staged.values():
         assert os.path.realpath(local).startswith(str(repo_folder.resolve()))
     assert list(outside.iterdir()) == []
+
+
+# --- parallel transfers -------------------------------------------------------------
+
+
+def test_shards_download_in_parallel(
+    hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    revision = _resolve(hub)
+    real = model._stream_to_file
+    # Both shards must be in flight at once, or the barrier breaks after 10 s.
+    both_started = threading.Barrier(2, timeout=10)
+
+    def meet_then_stream(session: Any, item: RemoteFile, *args: Any) -> Any:
+        if item.path.endswith(".safetensors"):
+            both_started.wait()
+        return real(session, item, *args)
+
+    monkeypatch.setattr(model, "_stream_to_file", meet_then_stream)
+
+    staged = _download(revision, hub.url, tmp_path / "cache", workers=2)
+
+    assert sorted(staged) == sorted(["config.json", INDEX, SHARD_1, SHARD_2])
+    assert not both_started.broken
+
+
+def test_one_worker_downloads_in_order(
+    hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    revision = _resolve(hub)
+    real = model._stream_to_file
+    started: list[str] = []
+
+    def record(session: Any, item: RemoteFile, *args: Any) -> Any:
+        started.append(item.path)
+        return real(session, item, *args)
+
+    monkeypatch.setattr(model, "_stream_to_file", record)
+
+    _download(revision, hub.url, tmp_path / "cache", workers=1)
+
+    # Small files first, the index before any shard, then shards by size.
+    assert started == ["config.json", INDEX, SHARD_2, SHARD_1]
+
+
+def test_failed_shard_cancels_other_transfers(
+    hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    revision = _resolve(hub)
+    real = model._stream_to_file
+    cancelled_seen: list[bool] = []
+
+    def fail_one(session: Any, item: RemoteFile, *args: Any) -> Any:
+        if item.path == SHARD_1:
+            raise DownloadError(f"download of {item.path} failed: injected")
+        if item.path == SHARD_2:
+            cancelled_seen.append(session.cancelled.wait(timeout=10))
+        return real(session, item, *args)
+
+    monkeypatch.setattr(model, "_stream_to_file", fail_one)
+
+    with pytest.raises(DownloadError, match="injected"):
+        _download(revision, hub.url, tmp_path / "cache", workers=2)
+
+    assert cancelled_seen == [True]
+    snapshot = tmp_path / "cache" / "snapshots" / SHARDED / revision.sha
+    assert not (snapshot.parent / f"{revision.sha}.verified.json").exists()
+    assert not (snapshot / SHARD_2).exists()
+
+
+def test_zero_workers_rejected(hub: HubServer, tmp_path: Path) -> None:
+    revision = _resolve(hub)
+
+    with pytest.raises(DownloadError, match="invalid workers value 0"):
+        _download(revision, hub.url, tmp_path / "cache", workers=0)
+
+
+def test_progress_artifact_reaches_full(
+    hub: HubServer, tmp_path: Path, prefect_server: None
+) -> None:
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    revision = _resolve(hub)
+
+    @flow
+    def pull() -> str:
+        from prefect.runtime import flow_run
+
+        download_model(revision, hub.url, cache_dir=tmp_path / "cache")
+        return str(flow_run.id)
+
+    run_id = pull()
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])
+            )
+        )
+    progress = [a for a in artifacts if a.type == "progress"]
+    assert len(progress) == 1
+    assert progress[0].key == model.PROGRESS_ARTIFACT_KEY
+    assert progress[0].data == 100.0
+    assert revision.sha in (progress[0].description or "")
 
 
 # --- stalled transfers --------------------------------------------------------------
