@@ -46,12 +46,16 @@ class AuditError(RefreshError):
 
 
 class AuditFailed(RefreshError):
-    """A security audit ran and at least one check failed. `report` contains every check.
+    """A security audit ran and at least one check failed.
 
-    Raising marks the flow run failed, so Prefect notifications on failed runs also
-    cover a scheduled audit that finds a problem.
+    `report` contains every check. Raising marks the flow run failed, so Prefect
+    notifications on failed runs also cover a scheduled audit that finds a problem.
     """
 
     def __init__(self, message: str, report: dict[str, Any]) -> None:
         super().__init__(message)
         self.report = report
+
+
+class LoadBalancerError(RefreshError):
+    """The configured load balancer cannot be secured: its HTTPS proxy is missing."""
