@@ -24,6 +24,7 @@ from tasks.alerts import ensure_anomaly_alerts
 from tasks.checks import (
     CheckResult,
     check_alerting,
+    check_edge_tls,
     check_llm_guard,
     check_mcp,
     check_service,
@@ -59,6 +60,7 @@ from tasks.secrets import (
     rollout_canary,
     rotate_api_key,
 )
+from tasks.tls import ensure_edge_tls_task
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LLM_HEALTH_PATH = "/health"
@@ -88,6 +90,10 @@ def model_refresh(request: RefreshRequest = DEFAULT_REQUEST) -> dict[str, Any]:
     revision = resolve_model_revision(request, clients.hub_endpoint, hub_token)
     llm_serving = read_serving(clients, config.llm.name)
     mcp_serving = read_serving(clients, config.mcp.name)
+    if config.load_balancer is not None:
+        # Before the skip check, so a skipped run also fixes a weakened policy, and
+        # before the gate, which checks the policy.
+        ensure_edge_tls_task(clients, config.load_balancer)
     if not request.force and all(
         refresh_is_current(serving, revision.sha)
         for serving in (llm_serving, mcp_serving)
@@ -208,6 +214,7 @@ def run_gate(
     checks += check_service(clients, config.mcp, mcp, mcp_identity, MCP_HEALTH_PATH)
     checks += check_mcp(config.mcp, mcp.tag_url, mcp_identity.invoker_token)
     checks += check_alerting(clients, config)
+    checks += check_edge_tls(clients, config)
     return checks
 
 

@@ -4,7 +4,8 @@ Steps:
 1. find the revision that serves all traffic of each service;
 2. read its configuration, IAM policy and secret versions back;
 3. probe the service URL: IAM, the LLM guard, the MCP tools;
-4. check the anomaly log metrics and alert policies;
+4. check the anomaly log metrics and alert policies, and the load balancer's SSL
+   policy when the target config has one;
 5. write the report, and fail the flow run when a check failed.
 
 The probes go only to the URLs that Cloud Run reports for the services of the target
@@ -26,6 +27,7 @@ from flows.model_refresh import LLM_HEALTH_PATH, MCP_HEALTH_PATH, resolve_config
 from tasks.checks import (
     CheckResult,
     check_alerting,
+    check_edge_tls,
     check_llm_guard,
     check_mcp,
     check_service,
@@ -112,6 +114,7 @@ def security_audit(request: AuditRequest | None = None) -> dict[str, Any]:
     mcp = find_serving_revision(clients, config.mcp.name)
     checks = audit_services(clients, config, llm, mcp)
     checks += check_alerting(clients, config)
+    checks += check_edge_tls(clients, config)
 
     report = build_audit_report(
         target=f"{config.target.kind}:{config.target.project}/{config.target.region}",

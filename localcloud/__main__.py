@@ -1,9 +1,11 @@
 """Command line for localcloud:
-`python -m localcloud [--state-dir DIR] up|start|stop|status`.
+`python -m localcloud [--state-dir DIR] up|start|stop|status|print-access-token`.
 
 `up` serves in the foreground until SIGTERM or SIGINT. `start` runs `up` in the
 background and prints the endpoints once the gRPC port accepts calls. `stop` ends the
 process that serves a state folder, and `status` prints its endpoints.
+`print-access-token` prints an access token for the registry, as `gcloud auth
+print-access-token` does for Artifact Registry.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ LOG_FILE = "localcloud.log"
 START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 30.0
 POLL_SECONDS = 0.1
+ACCESS_TOKEN_PRINCIPAL = "developer@localcloud.iam.gserviceaccount.com"
 
 
 def default_state_dir() -> Path:
@@ -194,11 +197,24 @@ def command_status(state_dir: Path) -> int:
     return 0
 
 
+def command_print_access_token(state_dir: Path) -> int:
+    from localcloud.tokens import TokenAuthority
+
+    if running_endpoints(state_dir) is None:
+        print(f"localcloud is not running for {state_dir}", file=sys.stderr)
+        return 1
+    # The token is signed with the key in the state folder, so the running localcloud
+    # accepts it. Use it as Basic oauth2accesstoken:TOKEN or as Bearer TOKEN.
+    print(TokenAuthority(state_dir).issue_access_token(ACCESS_TOKEN_PRINCIPAL))
+    return 0
+
+
 COMMANDS = {
     "up": command_up,
     "start": command_start,
     "stop": command_stop,
     "status": command_status,
+    "print-access-token": command_print_access_token,
 }
 
 
@@ -220,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         "command",
         choices=sorted(COMMANDS),
         help="up: serve in the foreground; start: serve in the background and print "
-        "the endpoints; stop: stop the background server; status: print its endpoints",
+        "the endpoints; stop: stop the background server; status: print its endpoints; "
+        "print-access-token: print a registry access token valid for one hour",
     )
     args = parser.parse_args(argv)
     state_dir = (args.state_dir or default_state_dir()).resolve()

@@ -37,6 +37,8 @@ from tasks.config import (
     ServiceSettings,
 )
 from tasks.deploy import INVOKER_ROLE, Candidate
+from tasks.errors import LoadBalancerError
+from tasks.tls import read_edge_tls
 
 OWASP_LLM = "OWASP Top 10 for LLM Applications 2025"
 OWASP_WEB = "OWASP Top 10 2021"
@@ -628,8 +630,6 @@ def audit_tls_policy(
     proxy: str, ssl_policy: compute_v1.SslPolicy | None
 ) -> CheckResult:
     """Check the SSL policy of the load balancer's target HTTPS proxy."""
-    # NOTE: no flow calls this yet, because the targets configure no load balancer
-    # and localcloud does not serve the Compute API; only the corpus exercises it.
     if ssl_policy is None:
         passed = False
         evidence = f"{proxy}: no SSL policy attached (the default allows TLS 1.0)"
@@ -1346,6 +1346,24 @@ def check_alerting(clients: Clients, config: RefreshConfig) -> list[CheckResult]
         clients.alert_policies.list_alert_policies(name=project),
     )
     log_outcome("alerting", results)
+    return results
+
+
+@task(cache_policy=NO_CACHE)
+def check_edge_tls(clients: Clients, config: RefreshConfig) -> list[CheckResult]:
+    """Read the load balancer's HTTPS proxy and SSL policy back and check them.
+
+    Without a load_balancer section there is no edge to check, so edge.tls-policy is
+    left out of the results.
+    """
+    if config.load_balancer is None:
+        return []
+    try:
+        proxy, policy = read_edge_tls(clients, config.load_balancer)
+        results = [audit_tls_policy(proxy, policy)]
+    except LoadBalancerError as exc:
+        results = [_result("edge.tls-policy", "load-balancer", False, str(exc))]
+    log_outcome("load balancer", results)
     return results
 
 

@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -59,6 +60,10 @@ _SA_EMAIL = re.compile(
 )
 _DEFAULT_COMPUTE_SA = re.compile(r"^\d+-compute@developer\.gserviceaccount\.com$")
 _MEMBER = re.compile(r"^(serviceAccount|user|group|domain|principal|principalSet):\S+$")
+# Compute resource names are RFC 1035 labels.
+_COMPUTE_NAME = re.compile(r"^[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?$")
+STRONG_TLS_PROFILES = ("MODERN", "RESTRICTED")
+STRONG_TLS_VERSIONS = ("TLS_1_2", "TLS_1_3")
 
 
 class _Strict(BaseModel):
@@ -94,6 +99,12 @@ class Target(_Strict):
     listen_host: Literal["127.0.0.1", "0.0.0.0"] = Field(
         "127.0.0.1",
         description="Address the services bind: loopback on localcloud, all on GCP",
+    )
+    blob_uploads: Literal["monolithic", "streamed"] | None = Field(
+        None,
+        description="How a new layer is uploaded: monolithic (one pass measures it, "
+        "then one PUT sends it, as Artifact Registry documents) or streamed (read "
+        "once, sent in one PATCH). Default: streamed on local, monolithic on gcp",
     )
 
     @field_validator("project")
@@ -410,6 +421,82 @@ class AlertSettings(_Strict):
     )
 
 
+class LoadBalancerSettings(_Strict):
+    """The external Application Load Balancer in front of the services.
+
+    The pipeline does not create the load balancer. It creates or fixes the SSL policy
+    and attaches it to the existing target HTTPS proxy.
+    """
+
+    target_https_proxy: str = Field(
+        description="Name of the existing global target HTTPS proxy"
+    )
+    ssl_policy: str = Field(
+        "model-refresh-tls",
+        description="Name of the global SSL policy the pipeline creates and attaches",
+    )
+    profile: Literal["MODERN", "RESTRICTED"] = Field(
+        "MODERN", description="SSL policy profile: MODERN or RESTRICTED"
+    )
+    min_tls_version: Literal["TLS_1_2", "TLS_1_3"] = Field(
+        "TLS_1_2", description="Lowest TLS version clients may negotiate"
+    )
+
+    @field_validator("target_https_proxy", "ssl_policy")
+    @classmethod
+    def _compute_name(cls, value: str, info: ValidationInfo) -> str:
+        if not _COMPUTE_NAME.match(value):
+            raise ValueError(
+                f"{info.field_name} {value!r} is not a valid Compute resource name: "
+                "use 1-63 lowercase letters, digits or hyphens, starting with a "
+                "letter and not ending with a hyphen"
+            )
+        return value
+
+    @field_validator("profile", mode="before")
+    @classmethod
+    def _strong_profile(cls, value: object) -> object:
+        if value == "COMPATIBLE":
+            raise ValueError(
+                "profile 'COMPATIBLE' is rejected: it allows TLS 1.0 and legacy "
+                "cipher suites; use MODERN or RESTRICTED"
+            )
+        if value == "CUSTOM":
+            raise ValueError(
+                "profile 'CUSTOM' is rejected: the edge.tls-policy check accepts only "
+                "MODERN or RESTRICTED; use one of them"
+            )
+        if value not in STRONG_TLS_PROFILES:
+            raise ValueError(f"profile {value!r} is invalid: use MODERN or RESTRICTED")
+        return value
+
+    @field_validator("min_tls_version", mode="before")
+    @classmethod
+    def _modern_tls(cls, value: object) -> object:
+        if value in ("TLS_1_0", "TLS_1_1"):
+            raise ValueError(
+                f"min_tls_version {value!r} is rejected: TLS 1.0 and 1.1 are "
+                "deprecated (RFC 8996); use TLS_1_2 or TLS_1_3"
+            )
+        if value not in STRONG_TLS_VERSIONS:
+            raise ValueError(
+                f"min_tls_version {value!r} is invalid: use TLS_1_2 or TLS_1_3"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _tls_1_3_restricted(self) -> LoadBalancerSettings:
+        # Compute rejects an SSL policy with min TLS 1.3 unless its profile is
+        # RESTRICTED (google-cloud-compute 1.57, SslPolicy.min_tls_version).
+        if self.min_tls_version == "TLS_1_3" and self.profile != "RESTRICTED":
+            raise ValueError(
+                f"min_tls_version 'TLS_1_3' needs profile 'RESTRICTED', not "
+                f"{self.profile!r}: set profile to RESTRICTED or min_tls_version to "
+                "TLS_1_2"
+            )
+        return self
+
+
 class RefreshConfig(_Strict):
     """Everything about a deploy target that does not change from run to run."""
 
@@ -423,6 +510,11 @@ class RefreshConfig(_Strict):
         description="Service account without invoker rights, used to prove 403"
     )
     alerts: AlertSettings
+    load_balancer: LoadBalancerSettings | None = Field(
+        None,
+        description="External load balancer whose SSL policy the pipeline keeps at "
+        "modern TLS; leave out when no load balancer fronts the services",
+    )
     report_dir: str = Field("reports", description="Folder for JSON reports")
 
     @model_validator(mode="after")

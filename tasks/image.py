@@ -17,7 +17,7 @@ from prefect.logging import get_run_logger
 
 from tasks import oci
 from tasks.clients import Clients
-from tasks.config import RefreshConfig
+from tasks.config import RefreshConfig, Target
 from tasks.deploy import MODEL_DIR
 from tasks.model import ModelRevision, default_cache_dir
 
@@ -30,13 +30,22 @@ LAYER_DIGEST_CACHE = "layer-digests.json"
 
 
 def registry_client(clients: Clients) -> oci.RegistryClient:
-    # localcloud's registry takes a layer in one streamed PATCH, which saves a pass
-    # over the weights; Artifact Registry gets monolithic uploads only.
     return oci.RegistryClient(
         clients.registry_base_url,
         auth=clients.registry_headers,
-        single_patch_uploads=clients.target.kind == "local",
+        single_patch_uploads=blob_upload_mode(clients.target) == "streamed",
     )
+
+
+def blob_upload_mode(target: Target) -> str:
+    """Return how new layers go up: `streamed` saves a pass over the weights.
+
+    Artifact Registry documents monolithic uploads only, so a GCP target streams only
+    when its config asks for it.
+    """
+    if target.blob_uploads is not None:
+        return target.blob_uploads
+    return "streamed" if target.kind == "local" else "monolithic"
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])

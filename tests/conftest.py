@@ -66,6 +66,9 @@ def target(
     A module may define `customize_target(data)` to change the config before it is
     written.
     """
+    from localcloud.edge_demo import create_demo_proxy_for_target
+    from localcloud.server import Endpoints
+
     folder = tmp_path_factory.mktemp("target")
     data = local_target_data()
     data["target"]["localcloud_state_dir"] = str(cloud.state_dir)
@@ -73,4 +76,6 @@ def target(
     customize = getattr(request.module, "customize_target", None)
     if customize is not None:
         customize(data)
+    # The load balancer's proxy exists before a refresh, as it would on GCP.
+    create_demo_proxy_for_target(Endpoints.read(cloud.state_dir).compute, data)
     return write_target(folder / "target.yaml", data)

@@ -104,3 +104,65 @@ def test_patterns_without_weights_rejected() -> None:
 def test_absolute_pattern_rejected() -> None:
     with pytest.raises(ConfigError, match="can never match"):
         parse_request({"allow_patterns": ["/etc/*.safetensors"]})
+
+
+def test_load_balancer_defaults() -> None:
+    config = load_config(Path("deployments/targets/local.yaml"))
+    assert config.load_balancer is not None
+    assert config.load_balancer.profile == "MODERN"
+    assert config.load_balancer.min_tls_version == "TLS_1_2"
+
+
+def test_load_balancer_is_optional(tmp_path: Path) -> None:
+    data = copy.deepcopy(local_target_data())
+    del data["load_balancer"]
+    config = load_config(write_target(tmp_path / "target.yaml", data))
+    assert config.load_balancer is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("profile", "COMPATIBLE", "allows TLS 1.0"),
+        ("profile", "CUSTOM", "accepts only MODERN or RESTRICTED"),
+        ("profile", "modern", "is invalid"),
+        ("min_tls_version", "TLS_1_0", "deprecated (RFC 8996)"),
+        ("min_tls_version", "TLS_1_1", "deprecated (RFC 8996)"),
+        ("min_tls_version", "1.2", "is invalid"),
+    ],
+)
+def test_weak_load_balancer_tls_rejected(
+    tmp_path: Path, field: str, value: str, reason: str
+) -> None:
+    message = _config_error(
+        tmp_path, lambda d: d["load_balancer"].update({field: value})
+    )
+    assert f"load_balancer.{field}" in message
+    assert repr(value) in message
+    assert reason in message
+
+
+@pytest.mark.parametrize("field", ["target_https_proxy", "ssl_policy"])
+def test_load_balancer_name_must_be_rfc1035(tmp_path: Path, field: str) -> None:
+    message = _config_error(
+        tmp_path, lambda d: d["load_balancer"].update({field: "Edge_Proxy"})
+    )
+    assert f"load_balancer.{field}" in message
+    assert "'Edge_Proxy'" in message
+    assert "lowercase letters, digits or hyphens" in message
+
+
+def test_tls_1_3_needs_restricted_profile(tmp_path: Path) -> None:
+    message = _config_error(
+        tmp_path, lambda d: d["load_balancer"].update(min_tls_version="TLS_1_3")
+    )
+    assert "load_balancer" in message
+    assert "needs profile 'RESTRICTED', not 'MODERN'" in message
+
+
+def test_tls_1_3_restricted_accepted(tmp_path: Path) -> None:
+    data = copy.deepcopy(local_target_data())
+    data["load_balancer"].update(profile="RESTRICTED", min_tls_version="TLS_1_3")
+    config = load_config(write_target(tmp_path / "target.yaml", data))
+    assert config.load_balancer is not None
+    assert config.load_balancer.min_tls_version == "TLS_1_3"

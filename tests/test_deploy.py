@@ -132,7 +132,14 @@ def clients(config: RefreshConfig) -> Clients:
 
 
 def push_app(cloud: LocalCloud, name: str, source: bytes) -> str:
-    with oci.RegistryClient(oci.local_endpoint(cloud.registry.address)) as registry:
+    def auth() -> dict[str, str]:
+        return cloud.registry.auth_headers(
+            "tests@local-project.iam.gserviceaccount.com"
+        )
+
+    with oci.RegistryClient(
+        oci.local_endpoint(cloud.registry.address), auth
+    ) as registry:
         return oci.append_layers(
             BASE,
             [oci.Layer.from_files({"/app/main.py": source})],

@@ -1,14 +1,14 @@
 """Weights layers and pushes through localcloud's Artifact Registry front.
 
-A real docker-registry runs behind RegistryFront, which requires credentials and
-rejects a second PATCH to the same upload, as Artifact Registry does.
+A real docker-registry runs behind RegistryFront, which requires an access token from a
+TokenAuthority and rejects a second PATCH to the same upload, as Artifact Registry does.
 """
 
 from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -20,12 +20,12 @@ from localcloud.registry import (
     RegistryFront,
     RegistryProcess,
 )
+from localcloud.tokens import TokenAuthority
 from tasks import oci
 from tasks.image import weights_layer
 from tasks.oci import Layer, LayerError, RegistryClient, RegistryError, append_layers
 
 BASE = f"us-central1-docker.pkg.dev/{BASE_REPOSITORY}:{BASE_TAG}"
-TOKEN = "ya29.local-test-token"
 
 pytestmark = pytest.mark.skipif(
     not Path("/usr/bin/docker-registry").is_file(),
@@ -48,19 +48,33 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProce
         process.stop()
 
 
+@pytest.fixture(scope="module")
+def authority(tmp_path_factory: pytest.TempPathFactory) -> TokenAuthority:
+    return TokenAuthority(tmp_path_factory.mktemp("tokens"))
+
+
+@pytest.fixture(scope="module")
+def token(authority: TokenAuthority) -> str:
+    return authority.issue_access_token("builder@p.iam.gserviceaccount.com")
+
+
 @pytest.fixture
-def front(registry: RegistryProcess) -> Iterator[RegistryFront]:
-    with RegistryFront(registry.address, token=TOKEN) as server:
+def front(
+    registry: RegistryProcess, authority: TokenAuthority
+) -> Iterator[RegistryFront]:
+    with RegistryFront(registry.address, authority) as server:
         yield server
 
 
-def _bearer() -> dict[str, str]:
-    return {"Authorization": f"Bearer {TOKEN}"}
+@pytest.fixture
+def bearer(token: str) -> Callable[[], dict[str, str]]:
+    return lambda: {"Authorization": f"Bearer {token}"}
 
 
-def _basic() -> dict[str, str]:
-    credentials = base64.b64encode(f"oauth2accesstoken:{TOKEN}".encode()).decode()
-    return {"Authorization": f"Basic {credentials}"}
+@pytest.fixture
+def basic(token: str) -> Callable[[], dict[str, str]]:
+    credentials = base64.b64encode(f"oauth2accesstoken:{token}".encode()).decode()
+    return lambda: {"Authorization": f"Basic {credentials}"}
 
 
 @pytest.fixture
@@ -112,9 +126,10 @@ def test_front_rejects_wrong_token(front: RegistryFront) -> None:
     assert caught.value.status == 401
 
 
-@pytest.mark.parametrize("headers", [_bearer, _basic], ids=["bearer", "basic"])
+@pytest.mark.parametrize("scheme", ["bearer", "basic"])
 def test_push_through_front_with_credentials(
-    headers: object,
+    scheme: str,
+    request: pytest.FixtureRequest,
     front: RegistryFront,
     registry: RegistryProcess,
     weights: dict[str, Path],
@@ -123,7 +138,8 @@ def test_push_through_front_with_credentials(
     layer = weights_layer(weights)
     layer.digest_cache = tmp_path / "digests.json"
     endpoint = oci.local_endpoint(front.address)
-    with RegistryClient(endpoint, headers, single_patch_uploads=True) as client:  # type: ignore[arg-type]
+    headers = request.getfixturevalue(scheme)
+    with RegistryClient(endpoint, headers, single_patch_uploads=True) as client:
         image = append_layers(
             BASE, [layer], "us-central1-docker.pkg.dev/p/front/llm", registry=client
         )
@@ -133,11 +149,13 @@ def test_push_through_front_with_credentials(
     assert root["Entrypoint"] == ["python3"]
     content = (tmp_path / "root/models/model/model.safetensors").read_bytes()
     assert content == weights["model.safetensors"].read_bytes()
-    assert front.rejected == []
+    assert list(front.rejected) == []
 
 
-def test_front_rejects_second_patch(front: RegistryFront) -> None:
-    with httpx.Client(base_url=f"http://{front.address}", headers=_bearer()) as http:
+def test_front_rejects_second_patch(
+    front: RegistryFront, bearer: Callable[[], dict[str, str]]
+) -> None:
+    with httpx.Client(base_url=f"http://{front.address}", headers=bearer()) as http:
         started = http.post("/v2/p/chunked/app/blobs/uploads/")
         first = http.patch(started.headers["Location"], content=b"a" * 1024)
         second = http.patch(first.headers["Location"], content=b"b" * 1024)
@@ -153,6 +171,7 @@ def test_front_rejects_second_patch(front: RegistryFront) -> None:
 
 def test_new_layer_read_once_in_one_patch(
     front: RegistryFront,
+    bearer: Callable[[], dict[str, str]],
     weights: dict[str, Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -166,33 +185,37 @@ def test_new_layer_read_once_in_one_patch(
     target = "us-central1-docker.pkg.dev/p/onepass/llm"
 
     with RegistryClient(
-        oci.local_endpoint(front.address), _bearer, single_patch_uploads=True
+        oci.local_endpoint(front.address), bearer, single_patch_uploads=True
     ) as client:
         image = append_layers(BASE, [layer], target, registry=client)
 
     assert sorted(reads) == sorted(weights.values())
-    assert front.rejected == []
+    assert list(front.rejected) == []
     measured = Layer(layer.entries, compression="zstd").digests()
     assert layer.digests() == measured
     assert image.startswith(target + "@sha256:")
 
 
 def test_default_client_sends_no_patch(
-    front: RegistryFront, weights: dict[str, Path], tmp_path: Path
+    front: RegistryFront,
+    bearer: Callable[[], dict[str, str]],
+    weights: dict[str, Path],
+    tmp_path: Path,
 ) -> None:
     layer = weights_layer(weights)
     target = "us-central1-docker.pkg.dev/p/monolithic/llm"
 
-    with RegistryClient(oci.local_endpoint(front.address), _bearer) as client:
+    with RegistryClient(oci.local_endpoint(front.address), bearer) as client:
         append_layers(BASE, [layer], target, registry=client)
         uploaded = client.stats.bytes_uploaded
 
     assert uploaded >= layer.digests().size
-    assert front.patched_uploads == set()
+    assert len(front.patched_uploads) == 0
 
 
 def test_cached_digest_skips_read_and_upload(
     front: RegistryFront,
+    bearer: Callable[[], dict[str, str]],
     weights: dict[str, Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -203,7 +226,7 @@ def test_cached_digest_skips_read_and_upload(
     first = Layer.from_files(files, compression="zstd")
     first.digest_cache = cache
     with RegistryClient(
-        oci.local_endpoint(front.address), _bearer, single_patch_uploads=True
+        oci.local_endpoint(front.address), bearer, single_patch_uploads=True
     ) as client:
         pushed = append_layers(BASE, [first], target, registry=client)
     reads = _counting_reads(monkeypatch)
@@ -211,7 +234,7 @@ def test_cached_digest_skips_read_and_upload(
     again.digest_cache = cache
 
     with RegistryClient(
-        oci.local_endpoint(front.address), _bearer, single_patch_uploads=True
+        oci.local_endpoint(front.address), bearer, single_patch_uploads=True
     ) as client:
         repushed = append_layers(BASE, [again], target, registry=client)
         uploaded = client.stats.bytes_uploaded

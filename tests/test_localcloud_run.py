@@ -153,7 +153,10 @@ def secrets_client(cloud: LocalCloud) -> secretmanager_v1.SecretManagerServiceCl
 
 
 def push_app(cloud: LocalCloud, name: str, source: bytes) -> str:
-    with RegistryClient(local_endpoint(cloud.registry.address)) as registry:
+    def auth() -> dict[str, str]:
+        return cloud.registry.auth_headers(f"tests@{PROJECT}.iam.gserviceaccount.com")
+
+    with RegistryClient(local_endpoint(cloud.registry.address), auth) as registry:
         return append_layers(
             BASE,
             [Layer.from_files({"/app/main.py": source})],

@@ -59,7 +59,10 @@ def test_stop_during_start_leaves_no_instance(tmp_path: Path) -> None:
     cloud.start()
     pid_file = tmp_path / "instance.pid"
     try:
-        registry = RegistryClient(local_endpoint(cloud.registry.address))
+        registry = RegistryClient(
+            local_endpoint(cloud.registry.address),
+            lambda: cloud.registry.auth_headers("tests@proj.iam.gserviceaccount.com"),
+        )
         with registry:
             image = append_layers(
                 f"us-central1-docker.pkg.dev/{BASE_REPOSITORY}:{BASE_TAG}",

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from google.cloud import run_v2
+from google.cloud import compute_v1, run_v2
 from google.protobuf import field_mask_pb2
 
 from containers.mcp.server import _url_problem
@@ -26,9 +26,8 @@ from tasks.checks import CANARY_ENV, CATALOGUE, container_env
 from tasks.clients import clients_for
 from tasks.config import RefreshRequest, load_config
 from tasks.errors import AuditFailed
+from tasks.tls import ensure_edge_tls
 
-# Checks that need an external load balancer, which the local target does not have.
-NOT_LOCAL = {"edge.tls-policy"}
 OPERATION_TIMEOUT_SECONDS = 120
 
 
@@ -110,6 +109,7 @@ def test_refresh_gate_runs_live_probes(refresh_report: dict[str, Any]) -> None:
         "mcp.stateless-sessions",
         "alerting.log-metrics",
         "alerting.policies-enabled",
+        "edge.tls-policy",
     } <= ids
 
 
@@ -125,7 +125,7 @@ def test_audit_passes_after_refresh(
     AUDITS.append(report)
 
     assert report["status"] == "passed", _failed(report)
-    assert {c["id"] for c in report["checks"]} == set(CATALOGUE) - NOT_LOCAL
+    assert {c["id"] for c in report["checks"]} == set(CATALOGUE)
     saved = json.loads(Path(report["report_path"]).read_text())
     assert saved["taxonomy"]["llm"] == "OWASP Top 10 for LLM Applications 2025"
     assert "OWASP Top 10 for LLM Applications 2025 LLM07" in saved["owasp"]
@@ -229,6 +229,37 @@ def test_guard_battery_skipped_on_hung_candidate(
     assert "ReadTimeout" in results[0].evidence
     assert results[1].evidence.startswith("not run")
     assert connections == 1
+
+
+def test_weak_ssl_policy_fails_audit(
+    refresh_report: dict[str, Any], target: Path
+) -> None:
+    config = load_config(target)
+    clients = clients_for(config.target)
+    assert config.load_balancer is not None
+    project = config.target.project
+    name = config.load_balancer.ssl_policy
+    current = clients.ssl_policies.get(project=project, ssl_policy=name)
+    clients.ssl_policies.patch(
+        project=project,
+        ssl_policy=name,
+        ssl_policy_resource=compute_v1.SslPolicy(
+            profile="COMPATIBLE",
+            min_tls_version="TLS_1_0",
+            fingerprint=current.fingerprint,
+        ),
+    ).result(timeout=OPERATION_TIMEOUT_SECONDS)
+    try:
+        report = _audit(target)
+    finally:
+        # Later tests audit again and expect only their own change to fail.
+        ensure_edge_tls(clients, config.load_balancer)
+
+    assert report["status"] == "failed"
+    assert _failed(report) == ["load-balancer:edge.tls-policy"]
+    tls = next(c for c in report["checks"] if c["id"] == "edge.tls-policy")
+    assert "profile COMPATIBLE" in tls["evidence"]
+    assert "min TLS TLS_1_0" in tls["evidence"]
 
 
 def test_ingress_all_fails_audit(refresh_report: dict[str, Any], target: Path) -> None:

@@ -1,14 +1,14 @@
 """IAM Service Account Credentials v1 (`google.iam.credentials.v1.IAMCredentials`).
 
 ID tokens are signed by the localcloud token authority, so each service's front door can
-verify them. Access tokens are opaque, and front doors reject them as Cloud Run does.
+verify them. Access tokens look opaque. The registry front accepts them, and the Cloud
+Run front doors reject them as Cloud Run does.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -89,12 +89,12 @@ class IamCredentials:
                 f"lifetime {seconds}s is invalid; request between 1 and "
                 f"{MAX_ACCESS_TOKEN_SECONDS} seconds."
             )
+        token = self._tokens.issue_access_token(account, seconds)
+        # The expire time is read back from the token, so the two always agree.
         expire = now_timestamp()
-        expire.FromDatetime(expire.ToDatetime() + timedelta(seconds=seconds))
+        expire.FromSeconds(self._tokens.verify_access_token(token).expires_at)
         logger.info("issued an access token for %s, valid %ss", account, seconds)
-        return types.GenerateAccessTokenResponse(
-            access_token=self._tokens.issue_access_token(), expire_time=expire
-        )
+        return types.GenerateAccessTokenResponse(access_token=token, expire_time=expire)
 
 
 def handlers(cloud: LocalCloud) -> list[grpc.GenericRpcHandler]:

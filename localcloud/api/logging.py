@@ -17,7 +17,7 @@ import threading
 import urllib.parse
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,12 @@ from google.cloud.logging_v2.types import (
 from google.protobuf import empty_pb2
 
 from localcloud.api import filters
+from localcloud.api.log_metrics import (
+    EXTRACT,
+    METRIC_KIND,
+    REGEXP_EXTRACT,
+    LogMetricSeries,
+)
 from localcloud.api.resources import (
     from_document,
     now_timestamp,
@@ -61,7 +67,6 @@ logger = logging.getLogger(__name__)
 
 LOGGING_SERVICE = "google.logging.v2.LoggingServiceV2"
 METRICS_SERVICE = "google.logging.v2.MetricsServiceV2"
-METRIC_KIND = "logging.metrics"
 
 MAX_ENTRIES = 50_000
 # Cloud Logging rejects entries larger than 256 KiB.
@@ -76,10 +81,6 @@ _LOG_ID = re.compile(r"^[A-Za-z0-9/_.\-]{1,512}$")
 _RESOURCE_NAME = re.compile(r"^(projects|organizations|folders|billingAccounts)/[^/]+$")
 _METRIC_ID = re.compile(r"^[A-Za-z0-9_\-.,+!*'()%/]{1,100}$")
 _METRIC_NAME = re.compile(r"^(projects/[^/]+)/metrics/(.+)$")
-_EXTRACT = re.compile(r"^EXTRACT\(\s*([A-Za-z0-9_.]+)\s*\)$")
-_REGEXP_EXTRACT = re.compile(
-    r'^REGEXP_EXTRACT\(\s*([A-Za-z0-9_.]+)\s*,\s*"(.*)"\s*\)$', re.S
-)
 
 # Fields whose keys are chosen by the writer, so filters keep their spelling as is.
 _FREE_FORM_FIELDS = {"labels", "jsonPayload", "protoPayload"}
@@ -117,8 +118,15 @@ def _sort_key(document: dict[str, Any]) -> float:
     return parsed.timestamp() if parsed else 0.0
 
 
+EntryListener = Callable[[list[dict[str, Any]]], None]
+
+
 class LogSink:
-    """The log entries of this localcloud, bounded to the newest MAX_ENTRIES."""
+    """The log entries of this localcloud, bounded to the newest MAX_ENTRIES.
+
+    Every stored entry is also counted by the log metrics (`metric_series`) and passed,
+    as its JSON document, to each listener added with `add_listener`.
+    """
 
     def __init__(self, cloud: LocalCloud) -> None:
         self._path: Path = cloud.state_dir / "logs" / "entries.jsonl"
@@ -128,7 +136,24 @@ class LogSink:
         )
         self._sequence = 0
         self._lines_in_file = 0
+        self._listeners: builtins.list[EntryListener] = []
+        self.metric_series = LogMetricSeries(
+            cloud.state_dir, cloud.store, log_field_path
+        )
         self._load()
+
+    def add_listener(self, listener: EntryListener) -> None:
+        """Call `listener` with the documents of every later write, after storing them.
+
+        Listeners run on the writer's thread, so they must return quickly.
+        """
+        with self._lock:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: EntryListener) -> None:
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
 
     def write(self, entries: list[LogEntry]) -> None:
         """Store `entries`, filling insert_id, timestamp and receive_timestamp."""
@@ -152,6 +177,26 @@ class LogSink:
             self._lines_in_file += len(documents)
             if self._lines_in_file > 2 * MAX_ENTRIES:
                 self._compact()
+            listeners = builtins.list(self._listeners)
+        self._notify(documents, listeners)
+
+    def _notify(
+        self,
+        documents: builtins.list[dict[str, Any]],
+        listeners: builtins.list[EntryListener],
+    ) -> None:
+        # The entries are stored already, so a failure here must not fail the write.
+        try:
+            self.metric_series.record(documents)
+        except Exception:
+            logger.exception(
+                "counting %d entries for log metrics failed", len(documents)
+            )
+        for listener in listeners:
+            try:
+                listener(documents)
+            except Exception:
+                logger.exception("log entry listener %r failed", listener)
 
     def list(self, filter: str, order_desc: bool = False) -> list[LogEntry]:
         """Return the entries matching the Logging query `filter`, oldest first unless
@@ -309,6 +354,7 @@ def _entry_problem(entry: LogEntry) -> str:
 class MetricsService:
     def __init__(self, cloud: LocalCloud) -> None:
         self._store = cloud.store
+        self._sink = cloud.logs
 
     def create(self, request: CreateLogMetricRequest) -> LogMetric:
         if not re.match(r"^projects/[^/]+$", request.parent):
@@ -367,6 +413,7 @@ class MetricsService:
         _split_metric_name(metric_name)
         if not self._store.delete(METRIC_KIND, metric_name):
             not_found(f"Metric {metric_name} does not exist.")
+        self._sink.metric_series.forget(metric_name)
         logger.info("deleted log metric %s", metric_name)
 
     def _save(self, parent: str, metric: LogMetric, created: str | None) -> LogMetric:
@@ -469,9 +516,9 @@ def _validate_metric(metric: LogMetric) -> None:
 def validate_extractor(expression: str, field: str) -> None:
     """Reject an extractor that is not EXTRACT(field) or a one-group REGEXP_EXTRACT."""
     text = expression.strip()
-    if _EXTRACT.match(text):
+    if EXTRACT.match(text):
         return
-    match = _REGEXP_EXTRACT.match(text)
+    match = REGEXP_EXTRACT.match(text)
     if match:
         try:
             groups = re.compile(match.group(2)).groups

@@ -1,5 +1,7 @@
 """Cloud Monitoring v3 alert policies (`google.monitoring.v3.AlertPolicyService`) and
-notification channels (`google.monitoring.v3.NotificationChannelService`).
+notification channels (`google.monitoring.v3.NotificationChannelService`). The handlers
+include `MetricService.ListTimeSeries` from `localcloud/api/timeseries.py`; the
+evaluator of the policies is `localcloud/alerting.py`.
 
 Policies and channels are stored as documents with proto field names, so list filters
 such as `display_name="api errors"` and update masks use the documented names.
@@ -17,7 +19,7 @@ import grpc
 from google.cloud.monitoring_v3 import types
 from google.protobuf import empty_pb2
 
-from localcloud.api import filters
+from localcloud.api import filters, timeseries
 from localcloud.api.logging import parse_log_filter, validate_extractor
 from localcloud.api.resources import (
     apply_update_mask,
@@ -541,4 +543,5 @@ def handlers(cloud: LocalCloud) -> list[grpc.GenericRpcHandler]:
     return [
         service_handler(POLICY_SERVICE, policy_methods),
         service_handler(CHANNEL_SERVICE, channel_methods),
+        *timeseries.handlers(cloud),
     ]
