@@ -90,10 +90,11 @@ def model_refresh(request: RefreshRequest = DEFAULT_REQUEST) -> dict[str, Any]:
     revision = resolve_model_revision(request, clients.hub_endpoint, hub_token)
     llm_serving = read_serving(clients, config.llm.name)
     mcp_serving = read_serving(clients, config.mcp.name)
+    edge_tls = None
     if config.load_balancer is not None:
         # Before the skip check, so a skipped run also fixes a weakened policy, and
         # before the gate, which checks the policy.
-        ensure_edge_tls_task(clients, config.load_balancer)
+        edge_tls = ensure_edge_tls_task(clients, config.load_balancer).to_dict()
     if not request.force and all(
         refresh_is_current(serving, revision.sha)
         for serving in (llm_serving, mcp_serving)
@@ -109,6 +110,7 @@ def model_refresh(request: RefreshRequest = DEFAULT_REQUEST) -> dict[str, Any]:
             message=f"{revision.sha} already serves on both services; nothing to do.",
             servings={"llm": llm_serving, "mcp": mcp_serving},
             alerts={"metrics": list(alerts.metrics), "policies": list(alerts.policies)},
+            edge_tls=edge_tls,
         )
 
     files = download_model(revision, clients.hub_endpoint, token=hub_token)
@@ -181,6 +183,7 @@ def model_refresh(request: RefreshRequest = DEFAULT_REQUEST) -> dict[str, Any]:
         checks=checks,
         secret_version=key.name,
         alerts={"metrics": list(alerts.metrics), "policies": list(alerts.policies)},
+        edge_tls=edge_tls,
     )
     if not passed:
         raise GateFailed(f"post-deploy checks failed; report: {report['report_path']}")
@@ -230,6 +233,7 @@ def _finish(
     checks: list[CheckResult] | None = None,
     secret_version: str | None = None,
     alerts: dict[str, Any] | None = None,
+    edge_tls: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     revisions: dict[str, dict[str, Any]] = {}
     urls: dict[str, str] = {}
@@ -264,6 +268,7 @@ def _finish(
         secret_version=secret_version,
         alerts=alerts,
         message=message,
+        edge_tls=edge_tls,
     )
     report["report_path"] = str(write_report(report, config.report_dir))
     return report

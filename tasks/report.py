@@ -73,6 +73,7 @@ def build_report(
     secret_version: str | None,
     alerts: dict[str, Any] | None,
     message: str,
+    edge_tls: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "kind": REFRESH,
@@ -91,6 +92,7 @@ def build_report(
         "urls": urls,
         "secret_version": secret_version,
         "alerts": alerts,
+        "edge_tls": edge_tls,
         **_checks_section(checks),
     }
 

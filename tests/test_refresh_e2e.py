@@ -76,6 +76,12 @@ class TestRefresh:
         )
         assert saved["urls"]["llm"].startswith("http://127.0.0.1:")
         assert saved["taxonomy"]["llm"] == "OWASP Top 10 for LLM Applications 2025"
+        # The demo proxy starts with no SSL policy, so the first run attaches one.
+        edge = saved["edge_tls"]
+        assert edge["profile"] == "MODERN"
+        assert edge["min_tls_version"] == "TLS_1_2"
+        assert edge["changes"]
+        assert "edge.tls-policy" in {c["id"] for c in saved["checks"]}
 
     def test_unchanged_rerun_skips(self, target: Path) -> None:
         before = _services(target)
@@ -83,6 +89,7 @@ class TestRefresh:
         report = _run(target)
         assert report["status"] == "skipped"
         assert report["images"] == {}
+        assert list(report["edge_tls"]["changes"]) == []
         after = _services(target)
         for name in ("llm", "mcp"):
             assert after[name].generation == before[name].generation

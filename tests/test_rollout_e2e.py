@@ -195,7 +195,7 @@ class TestRollouts:
         assert after.latest_created_revision != before.latest_created_revision
         assert CANDIDATE_TAG not in tags(after)
 
-    # Nine flow runs in a row: more than the suite's default per-test timeout.
+    # Ten flow runs in a row: more than the suite's default per-test timeout.
     @pytest.mark.timeout(900)
     def test_killed_rollout_converges_on_rerun(
         self,
@@ -211,6 +211,7 @@ class TestRollouts:
         # Each rerun crashes at the next boundary, so every boundary is both a
         # crash point and a state that a rerun starts from.
         boundaries = [
+            ("ensure_edge_tls_task", 1),  # SSL policy attached, nothing else done
             ("download_model", 1),  # files downloaded and verified
             ("build_llm_image", 1),  # LLM image pushed, MCP image not yet
             ("rotate_api_key", 1),  # key version added, nothing deployed
