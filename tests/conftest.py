@@ -19,6 +19,8 @@ LOCAL_TARGET = REPO_ROOT / "deployments" / "targets" / "local.yaml"
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Some tests call a task outside any flow; its log lines then stay local.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 
 @pytest.fixture(scope="session")
