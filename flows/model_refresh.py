@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -100,9 +101,12 @@ def model_refresh(request: RefreshRequest = DEFAULT_REQUEST) -> dict[str, Any]:
         for serving in (llm_serving, mcp_serving)
     ):
         # A run that crashed after promoting may not have retired the old keys or
-        # created the alerts yet. Both steps converge and cost only a few API reads.
+        # created the alerts yet, and someone may have changed the invokers since.
+        # These steps converge and cost only a few API reads.
         retire_old_keys(clients, config)
         alerts = ensure_anomaly_alerts(clients, config)
+        set_invokers(clients, config.llm)
+        set_invokers(clients, config.mcp)
         return _finish(
             config,
             revision,
@@ -162,8 +166,12 @@ def model_refresh(request: RefreshRequest = DEFAULT_REQUEST) -> dict[str, Any]:
         raise
 
     passed = all(check.passed for check in checks)
-    for candidate in candidates:
-        promote(clients, candidate) if passed else roll_back(clients, candidate)
+    rollbacks: dict[str, str] = {}
+    for key_name, candidate in (("llm", llm), ("mcp", mcp)):
+        if passed:
+            promote(clients, candidate)
+        else:
+            rollbacks[key_name] = roll_back(clients, candidate)
     if passed:
         retire_old_keys(clients, config)
 
@@ -174,8 +182,9 @@ def model_refresh(request: RefreshRequest = DEFAULT_REQUEST) -> dict[str, Any]:
         message=(
             f"{revision.sha} deployed and promoted on both services."
             if passed
-            else f"{sum(not c.passed for c in checks)} checks failed; the previous "
-            "revisions keep serving."
+            else f"{sum(not c.passed for c in checks)} checks failed; "
+            + "; ".join(f"{name}: {done}" for name, done in rollbacks.items())
+            + "."
         ),
         servings={"llm": llm_serving, "mcp": mcp_serving},
         images={"llm": llm_image, "mcp": mcp_image},
@@ -184,6 +193,7 @@ def model_refresh(request: RefreshRequest = DEFAULT_REQUEST) -> dict[str, Any]:
         secret_version=key.name,
         alerts={"metrics": list(alerts.metrics), "policies": list(alerts.policies)},
         edge_tls=edge_tls,
+        rollbacks=rollbacks,
     )
     if not passed:
         raise GateFailed(f"post-deploy checks failed; report: {report['report_path']}")
@@ -234,6 +244,7 @@ def _finish(
     secret_version: str | None = None,
     alerts: dict[str, Any] | None = None,
     edge_tls: dict[str, Any] | None = None,
+    rollbacks: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     revisions: dict[str, dict[str, Any]] = {}
     urls: dict[str, str] = {}
@@ -245,6 +256,11 @@ def _finish(
             entry["serving"] = (
                 candidate.revision if status == "deployed" else entry["previous"]
             )
+            rollback = (rollbacks or {}).get(key)
+            if rollback is not None:
+                entry["rollback"] = rollback
+                if rollback.startswith("deleted"):
+                    entry["serving"] = None
             urls[key] = candidate.service_url
             urls[f"{key}-candidate"] = candidate.tag_url
         else:
@@ -279,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.model_refresh",
         description="Refresh the LLM and MCP services to a model revision.",
+        epilog="Exit status: 0 the run deployed or skipped; 1 the post-deploy gate "
+        "failed and the previous revisions keep serving; 2 invalid input or a known "
+        "failure, explained on stderr; 3 an unexpected error, with its traceback on "
+        "stderr.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
@@ -313,6 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     except RefreshError as exc:
         print(f"model-refresh: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        print(
+            f"model-refresh: unexpected error: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
+        traceback.print_exc(file=sys.stderr)
+        return 3
     print(f"status: {report['status']}")
     print(f"report: {report['report_path']}")
     return 0

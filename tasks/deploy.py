@@ -10,6 +10,7 @@ name with 409.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -92,6 +93,8 @@ class Serving:
     serving_versions: frozenset[str] = frozenset()
     # The revision kept addressable under the rollback tag, if any.
     rollback: str | None = None
+    # The model sha label of the revision with all the traffic, promoted or not.
+    revision_sha: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,11 @@ class Candidate:
     service_url: str
     previous: str | None  # revision to return to: it served 100% before this rollout
     created: bool  # False when the revision already existed (rerun after a crash)
+    # Traffic before this rollout as (revision, percent, tag), which a rollback
+    # restores. Empty when the service did not exist.
+    traffic_before: tuple[tuple[str, int, str], ...] = ()
+    # Whether a promotion ever recorded a model sha on the service.
+    promoted_before: bool = False
 
 
 def service_name(clients: Clients, service_id: str) -> str:
@@ -147,6 +155,7 @@ def read_serving(clients: Clients, service_id: str) -> Serving | None:
 
     revision = _full_traffic_revision(service)
     model_sha = None
+    revision_sha = None
     versions: set[str] = set()
     serving_versions: set[str] = set()
     for status in service.traffic_statuses:
@@ -164,6 +173,7 @@ def read_serving(clients: Clients, service_id: str) -> Serving | None:
         versions.update(pinned)
         if status.revision == revision:
             serving_versions = pinned
+            revision_sha = rev.labels.get(LABEL_MODEL_SHA)
         # A sha counts as serving only once a promotion recorded it on the service,
         # so a first deploy that failed its checks is retried, not skipped.
         promoted = service.labels.get(LABEL_MODEL_SHA)
@@ -180,6 +190,7 @@ def read_serving(clients: Clients, service_id: str) -> Serving | None:
         frozenset(versions),
         frozenset(serving_versions),
         rollback or None,
+        revision_sha,
     )
 
 
@@ -427,6 +438,12 @@ def deploy_candidate(
         return _candidate(clients, name, revision, previous=None, created=True)
 
     split = _current_split(current)
+    traffic_before = tuple(
+        (status.revision, status.percent, status.tag)
+        for status in current.traffic_statuses
+        if status.revision
+    )
+    promoted_before = LABEL_MODEL_SHA in current.labels
     serving = next((rev for rev, pct in split if pct == 100), None)
     previous = serving
     if serving == revision:
@@ -494,7 +511,15 @@ def deploy_candidate(
         name,
         previous,
     )
-    return _candidate(clients, name, revision, previous=previous, created=not exists)
+    return _candidate(
+        clients,
+        name,
+        revision,
+        previous=previous,
+        created=not exists,
+        traffic_before=traffic_before,
+        promoted_before=promoted_before,
+    )
 
 
 def require_enabled_secrets(
@@ -684,7 +709,13 @@ def last_log_lines(clients: Clients, service: str, revision: str) -> list[str]:
 
 
 def _candidate(
-    clients: Clients, name: str, revision: str, previous: str | None, created: bool
+    clients: Clients,
+    name: str,
+    revision: str,
+    previous: str | None,
+    created: bool,
+    traffic_before: tuple[tuple[str, int, str], ...] = (),
+    promoted_before: bool = False,
 ) -> Candidate:
     service = clients.services.get_service(name=name)
     tag_url = next(
@@ -695,7 +726,16 @@ def _candidate(
         raise DeployError(
             f"{name} has no URL for tag {CANDIDATE_TAG!r} after the deploy"
         )
-    return Candidate(name, revision, tag_url, service.uri, previous, created)
+    return Candidate(
+        name,
+        revision,
+        tag_url,
+        service.uri,
+        previous,
+        created,
+        traffic_before,
+        promoted_before,
+    )
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
@@ -734,31 +774,60 @@ def promote(clients: Clients, candidate: Candidate) -> None:
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
-def roll_back(clients: Clients, candidate: Candidate) -> None:
-    """Leave the previous revision serving 100% and drop the candidate's tag."""
+def roll_back(clients: Clients, candidate: Candidate) -> str:
+    """Put the service back to what served before this rollout; return what it did.
+
+    - Traffic that reached another revision before the rollout is restored, tags
+      included, except the candidate tag.
+    - A candidate that already served all traffic after a promotion (a forced
+      redeploy) keeps it.
+    - A service that never had a promoted revision only ever served unchecked
+      candidates, so it is deleted. The next run deploys it afresh.
+    """
     logger = get_run_logger()
-    if not candidate.previous or candidate.previous == candidate.revision:
+    others = [
+        (revision, percent, tag)
+        for revision, percent, tag in candidate.traffic_before
+        if revision != candidate.revision and percent > 0
+    ]
+    if others:
+        traffic = [
+            run_v2.TrafficTarget(
+                type_=_REVISION,
+                revision=revision,
+                percent=percent,
+                tag="" if tag == CANDIDATE_TAG else tag,
+            )
+            for revision, percent, tag in candidate.traffic_before
+            if revision != candidate.revision or percent > 0
+        ]
+        _set_traffic(clients, candidate.service, _merge_traffic(traffic))
+        restored = ", ".join(f"{rev} {pct}%" for rev, pct, _ in others)
         logger.warning(
-            "%s has no earlier revision to roll back to; %s keeps its traffic",
+            "Rolled back %s: %s, candidate %s has no traffic",
             candidate.service,
+            restored,
             candidate.revision,
         )
-        return
-    _set_traffic(
-        clients,
-        candidate.service,
-        [
-            run_v2.TrafficTarget(
-                type_=_REVISION, revision=candidate.previous, percent=100
-            )
-        ],
-    )
+        return f"restored {restored}"
+    if candidate.promoted_before:
+        logger.warning(
+            "%s served all traffic of %s before this run; it keeps it",
+            candidate.revision,
+            candidate.service,
+        )
+        return f"kept {candidate.revision}"
+    # The deleted revisions' logs stay in Logging for diagnosis. NotFound means an
+    # earlier attempt of this rollback deleted the service already.
+    with contextlib.suppress(gexc.NotFound):
+        clients.services.delete_service(name=candidate.service).result(
+            timeout=OPERATION_TIMEOUT_SECONDS
+        )
     logger.warning(
-        "Rolled back %s: %s serves 100%%, candidate %s has no traffic",
+        "Deleted %s: it never served a revision that passed the checks",
         candidate.service,
-        candidate.previous,
-        candidate.revision,
     )
+    return f"deleted {candidate.service}"
 
 
 def _set_traffic(
@@ -813,15 +882,17 @@ def refresh_is_current(serving: Serving | None, model_sha: str) -> bool:
 def in_use_versions(*servings: Serving | None, model_sha: str = "") -> set[str]:
     """Return the key versions a rotation must not reuse.
 
-    A service that already serves `model_sha` was promoted by an earlier attempt of
-    this same refresh, so the version it serves with counts as this refresh's key.
+    A revision of `model_sha` that serves all traffic was deployed by an earlier
+    attempt of this same refresh: promoted, or the first revision of a new service
+    whose run crashed before the checks. The version it serves with counts as this
+    refresh's key, so the rerun rebuilds the same spec and reuses that revision.
     """
     in_use: set[str] = set()
     for serving in servings:
         if serving is None:
             continue
         in_use |= serving.secret_versions
-        if model_sha and serving.model_sha == model_sha:
+        if model_sha and model_sha in (serving.model_sha, serving.revision_sha):
             in_use -= serving.serving_versions
     return in_use
 

@@ -37,7 +37,9 @@ from tasks.deploy import (
     LABEL_MODEL_SHA,
     ROLLBACK_TAG,
     Candidate,
+    Serving,
     deploy_candidate,
+    in_use_versions,
     llm_template,
     mcp_template,
     promote,
@@ -61,6 +63,7 @@ pytestmark = [
 BASE = f"us-central1-docker.pkg.dev/{BASE_REPOSITORY}:{BASE_TAG}"
 SHA_A = "a" * 40
 SHA_B = "b" * 40
+SHA_C = "c" * 40
 INVOKER = "refresh-probe@local-project.iam.gserviceaccount.com"
 REQUEST_TIMEOUT_SECONDS = 30.0
 
@@ -661,6 +664,103 @@ def test_roll_back_keeps_previous_serving(
     serving = read_serving.fn(clients, settings.name)
     assert serving is not None
     assert serving.model_sha == SHA_A
+
+
+def test_roll_back_restores_rollback_tag(
+    clients: Clients, config: RefreshConfig, images: dict[str, str]
+) -> None:
+    settings = new_settings(config)
+    first = deploy_and_promote(
+        clients, settings, app_template(settings, images["a"], SHA_A)
+    )
+    second = deploy_and_promote(
+        clients, settings, app_template(settings, images["b"], SHA_B)
+    )
+    candidate = deploy_candidate.fn(
+        clients, settings, app_template(settings, images["a"], SHA_C)
+    )
+
+    outcome = roll_back.fn(clients, candidate)
+
+    current = service(clients, settings)
+    assert outcome == f"restored {second.revision} 100%"
+    assert split(current) == {second.revision: 100}
+    assert tags(current).get(ROLLBACK_TAG) == first.revision
+    assert CANDIDATE_TAG not in tags(current)
+
+
+def test_failed_forced_redeploy_keeps_serving(
+    clients: Clients, config: RefreshConfig, images: dict[str, str]
+) -> None:
+    settings = new_settings(config)
+    deploy_and_promote(clients, settings, app_template(settings, images["a"], SHA_A))
+    promoted = deploy_and_promote(
+        clients, settings, app_template(settings, images["b"], SHA_B)
+    )
+    before = service(clients, settings)
+    # The same spec again, as `--force` deploys it: the serving revision is reused.
+    candidate = deploy_candidate.fn(
+        clients, settings, app_template(settings, images["b"], SHA_B)
+    )
+
+    outcome = roll_back.fn(clients, candidate)
+
+    current = service(clients, settings)
+    assert candidate.revision == promoted.revision
+    assert outcome == f"kept {promoted.revision}"
+    assert split(current) == {promoted.revision: 100}
+    assert tags(current).get(ROLLBACK_TAG) == tags(before)[ROLLBACK_TAG]
+
+
+def test_failed_first_deploy_deletes_service(
+    clients: Clients, config: RefreshConfig, images: dict[str, str]
+) -> None:
+    settings = new_settings(config)
+    template = app_template(settings, images["a"], SHA_A)
+    first = deploy_candidate.fn(clients, settings, template)
+    # A rerun after a crash finds the unchecked revision serving all traffic.
+    rerun = deploy_candidate.fn(clients, settings, template)
+
+    outcome = roll_back.fn(clients, rerun)
+
+    assert first.created
+    assert rerun.revision == first.revision
+    assert outcome == f"deleted {rerun.service}"
+    with pytest.raises(gexc.NotFound):
+        service(clients, settings)
+    assert read_serving.fn(clients, settings.name) is None
+    # A second rollback of the same candidate finds nothing left to delete.
+    assert roll_back.fn(clients, rerun) == outcome
+
+
+@pytest.mark.parametrize(
+    ("promoted_sha", "revision_sha", "reusable"),
+    [
+        (SHA_A, SHA_A, True),  # promoted by an earlier attempt of this refresh
+        (None, SHA_A, True),  # first deploy of this refresh, crashed before checks
+        (SHA_B, SHA_B, False),  # another model serves: its key stays in use
+        (None, SHA_B, False),
+    ],
+)
+def test_in_use_versions_of_serving_revision(
+    promoted_sha: str | None, revision_sha: str, reusable: bool
+) -> None:
+    key = "projects/p/secrets/llm-api-key/versions/3"
+    rollback_key = "projects/p/secrets/llm-api-key/versions/2"
+    serving = Serving(
+        service="projects/p/locations/r/services/llm",
+        revision="llm-1",
+        model_sha=promoted_sha,
+        uri="http://127.0.0.1:1",
+        secret_versions=frozenset({key, rollback_key}),
+        serving_versions=frozenset({key}),
+        revision_sha=revision_sha,
+    )
+
+    in_use = in_use_versions(serving, None, model_sha=SHA_A)
+
+    assert (key not in in_use) == reusable
+    assert rollback_key in in_use
 
 
 def test_exiting_revision_error_names_cause(

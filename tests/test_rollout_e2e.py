@@ -7,6 +7,7 @@ step boundary and rerun until it converges.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
+from google.api_core import exceptions as gexc
 from google.cloud import run_v2
 
 import flows.model_refresh as refresh_flow
@@ -26,6 +29,7 @@ from tasks.clients import Clients, clients_for
 from tasks.config import RefreshConfig, RefreshRequest, load_config
 from tasks.deploy import CANDIDATE_TAG, LABEL_MODEL_SHA, ROLLBACK_TAG
 from tasks.errors import GateFailed
+from tests.conftest import write_target
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -264,3 +268,31 @@ def assert_consistent(clients: Clients, name: str, new_sha: str) -> None:
 def key_versions(clients: Clients, config: RefreshConfig) -> list[str]:
     parent = f"projects/{config.target.project}/secrets/{config.llm.api_key_secret}"
     return [v.name for v in clients.secrets.list_secret_versions(parent=parent)]
+
+
+def test_failed_first_deploy_leaves_nothing_serving(
+    target: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = yaml.safe_load(target.read_text())
+    data["llm"]["name"] = "llm-first"
+    data["mcp"]["name"] = "mcp-first"
+    data["report_dir"] = str(tmp_path / "reports")
+    fresh = write_target(tmp_path / "first.yaml", data)
+    clients = clients_for(load_config(fresh).target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(refresh_flow, "run_gate", failing_gate(refresh_flow.run_gate))
+        with pytest.raises(GateFailed) as failed:
+            run(fresh)
+
+    report_path = Path(str(failed.value).rsplit("report: ", 1)[1])
+    report = json.loads(report_path.read_text())
+    assert report["status"] == "rolled-back"
+    for name in ("llm-first", "mcp-first"):
+        with pytest.raises(gexc.NotFound):
+            service(clients, name)
+    for key in ("llm", "mcp"):
+        assert report["revisions"][key]["serving"] is None
+        assert report["revisions"][key]["rollback"].startswith("deleted ")
+    # Nothing is left half-done: the next run deploys both services afresh.
+    assert run(fresh)["status"] == "deployed"
