@@ -2,7 +2,8 @@
 
 Steps:
 1. find the revision that serves all traffic of each service;
-2. read its configuration, IAM policy and secret versions back;
+2. read its configuration, IAM policy and secret versions back, and run the revision
+   checks on every other revision that a tag or traffic entry reaches too;
 3. probe the service URL: IAM, the LLM guard, the MCP tools;
 4. check the anomaly log metrics and alert policies, and the load balancer's SSL
    policy when the target config has one;
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from typing import Any
 
 from prefect import flow, task
@@ -78,12 +80,19 @@ def find_serving_revision(clients: Clients, service_id: str) -> Candidate:
 def audit_services(
     clients: Clients, config: RefreshConfig, llm: Candidate, mcp: Candidate
 ) -> list[CheckResult]:
-    """Run the configuration audit and the live probes against both services."""
+    """Run the configuration audit and the live probes against both services.
+
+    The configuration audit covers every revision that a tag URL or a traffic entry
+    reaches, because each of them serves requests. The live probes go to the service
+    URLs only.
+    """
     checks: list[CheckResult] = []
     llm_identity = mint_probe_identity(
         clients, llm.service_url, config.probe_principal, config.outsider_principal
     )
-    checks += check_service(clients, config.llm, llm, llm_identity, LLM_HEALTH_PATH)
+    checks += check_service(
+        clients, config.llm, llm, llm_identity, LLM_HEALTH_PATH, include_reachable=True
+    )
     revision = clients.revisions.get_revision(
         name=f"{llm.service}/revisions/{llm.revision}"
     )
@@ -98,7 +107,9 @@ def audit_services(
     mcp_identity = mint_probe_identity(
         clients, mcp.service_url, config.probe_principal, config.outsider_principal
     )
-    checks += check_service(clients, config.mcp, mcp, mcp_identity, MCP_HEALTH_PATH)
+    checks += check_service(
+        clients, config.mcp, mcp, mcp_identity, MCP_HEALTH_PATH, include_reachable=True
+    )
     checks += check_mcp(config.mcp, mcp.service_url, mcp_identity.invoker_token)
     return checks
 
@@ -133,7 +144,11 @@ def security_audit(request: AuditRequest | None = None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Audit the LLM and MCP services as they serve now"
+        prog="python -m flows.security_audit",
+        description="Audit the LLM and MCP services as they serve now",
+        epilog="Exit status: 0 every check passed; 1 the audit ran and a check "
+        "failed; 2 invalid input or a known failure, explained on stderr; 3 an "
+        "unexpected error, with its traceback on stderr.",
     )
     parser.add_argument(
         "--target",
@@ -143,12 +158,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
+        # Validate the target before Prefect starts, so bad input fails in a moment.
+        load_config(resolve_config_path(args.target))
         report = security_audit(AuditRequest(target_config=args.target))
     except AuditFailed as exc:
         report = exc.report
     except RefreshError as exc:
         print(f"security-audit: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        print(
+            f"security-audit: unexpected error: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
+        traceback.print_exc(file=sys.stderr)
+        return 3
     print(f"status: {report['status']} ({report['message']})")
     print(f"report: {report['report_path']}")
     return 0 if report["status"] == "passed" else 1

@@ -13,7 +13,7 @@ import asyncio
 import base64
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -36,7 +36,7 @@ from tasks.config import (
     RefreshConfig,
     ServiceSettings,
 )
-from tasks.deploy import INVOKER_ROLE, Candidate
+from tasks.deploy import INVOKE_ROLES, INVOKER_ROLE, Candidate
 from tasks.errors import LoadBalancerError
 from tasks.tls import read_edge_tls
 
@@ -72,6 +72,7 @@ _PRIVATE_INGRESS = (
 _STRONG_TLS_PROFILES = ("MODERN", "RESTRICTED")
 _STRONG_TLS_VERSIONS = ("TLS_1_2", "TLS_1_3")
 _GPU_LIMIT = "nvidia.com/gpu"
+_LATEST = run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_LATEST
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,9 @@ CATALOGUE: Final[dict[str, CheckSpec]] = {
         "IAM-only access",
         _web("A01"),
         "high",
-        "set roles/run.invoker to exactly the configured invokers",
+        "set roles/run.invoker to exactly the configured invokers, and remove every "
+        "other member's binding to a role with run.routes.invoke (roles/run.admin, "
+        "roles/run.developer, roles/owner, roles/editor and others)",
     ),
     "iam.invoker-check-enabled": CheckSpec(
         "IAM-only access",
@@ -210,7 +213,8 @@ CATALOGUE: Final[dict[str, CheckSpec]] = {
         "IAM-only access",
         _web("A01"),
         "critical",
-        "grant roles/run.invoker only to the configured principals",
+        "grant roles/run.invoker, and every other role with run.routes.invoke, only "
+        "to the configured principals",
     ),
     "probe.invoker-accepted": CheckSpec(
         "IAM-only access",
@@ -321,6 +325,30 @@ def _result(
 
 # Configuration audit
 
+# The checks that read only the revision, in the order audit_configuration reports them.
+REVISION_CHECKS: Final = (
+    "identity.dedicated-service-account",
+    "secrets.no-plaintext-env",
+    "secrets.pinned-versions",
+    "secrets.versions-enabled",
+    "egress.direct-vpc",
+    "cost.max-instances",
+    "cost.min-instances",
+    "supply-chain.image-digest",
+    "runtime.startup-probe",
+    "runtime.gpu",
+)
+
+
+@dataclass(frozen=True)
+class ReachableRevision:
+    """A revision, besides the audited one, that a tag or a traffic entry routes to."""
+
+    revision: run_v2.Revision
+    routes: tuple[str, ...]  # how callers reach it, such as "tag debug"
+    # Full secret version name -> state name, as for audit_configuration.
+    secret_states: Mapping[str, str]
+
 
 def audit_configuration(
     settings: ServiceSettings,
@@ -329,21 +357,27 @@ def audit_configuration(
     policy: policy_pb2.Policy,
     image_repository: str,
     secret_states: Mapping[str, str],
+    reachable: Sequence[ReachableRevision] = (),
 ) -> list[CheckResult]:
     """Check the service, one of its revisions and its IAM policy as read back.
 
     `secret_states` maps each full secret version name that the revision pins to its
-    state name (ENABLED, DISABLED, DESTROYED, or NOT_FOUND).
+    state name (ENABLED, DISABLED, DESTROYED, or NOT_FOUND). Each revision in
+    `reachable` gets the REVISION_CHECKS too: a check passes only when every revision
+    passes it, and its evidence then names each revision.
     """
     name = settings.name
-    invokers = sorted(
-        m for b in policy.bindings if b.role == INVOKER_ROLE for m in b.members
-    )
     everyone = sorted(
         {m for b in policy.bindings for m in b.members if m in PUBLIC_PRINCIPALS}
     )
-    # Public members are the concern of iam.no-public-access alone.
-    named_invokers = [m for m in invokers if m not in PUBLIC_PRINCIPALS]
+    by_id = {
+        result.id: result
+        for result in _revision_results(
+            settings, revision, image_repository, secret_states
+        )
+    }
+    if reachable:
+        by_id = _merge_reachable(settings, revision, by_id, image_repository, reachable)
     return [
         _result(
             "iam.no-public-access",
@@ -351,19 +385,68 @@ def audit_configuration(
             not everyone,
             f"public members: {everyone or 'none'}",
         ),
-        _result(
-            "iam.invokers-exact",
-            name,
-            named_invokers == sorted(settings.invokers),
-            f"roles/run.invoker members: {named_invokers}; configured: "
-            f"{sorted(settings.invokers)}",
-        ),
+        _invokers_exact(settings, policy),
         _result(
             "iam.invoker-check-enabled",
             name,
             not service.invoker_iam_disabled,
             f"invoker_iam_disabled={service.invoker_iam_disabled}",
         ),
+        by_id["identity.dedicated-service-account"],
+        _result(
+            "ingress.private",
+            name,
+            service.ingress in _PRIVATE_INGRESS,
+            f"ingress: {run_v2.IngressTraffic(service.ingress).name}",
+        ),
+        *(by_id[check_id] for check_id in REVISION_CHECKS[1:]),
+    ]
+
+
+def _invokers_exact(
+    settings: ServiceSettings, policy: policy_pb2.Policy
+) -> CheckResult:
+    """Check that only the configured invokers hold a role that can invoke.
+
+    roles/run.invoker must hold exactly them, and no other member may hold any role in
+    INVOKE_ROLES, because each of those lets its members invoke the service.
+    """
+    configured = sorted(settings.invokers)
+    # Public members are the concern of iam.no-public-access alone.
+    named_invokers = sorted(
+        m
+        for b in policy.bindings
+        if b.role == INVOKER_ROLE
+        for m in b.members
+        if m not in PUBLIC_PRINCIPALS
+    )
+    unconfigured = sorted(
+        {
+            f"{m} ({b.role})"
+            for b in policy.bindings
+            if b.role in INVOKE_ROLES
+            for m in b.members
+            if m not in PUBLIC_PRINCIPALS and m not in settings.invokers
+        }
+    )
+    return _result(
+        "iam.invokers-exact",
+        settings.name,
+        named_invokers == configured and not unconfigured,
+        f"roles/run.invoker members: {named_invokers}; configured: {configured}; "
+        f"other members with a role that can invoke: {unconfigured or 'none'}",
+    )
+
+
+def _revision_results(
+    settings: ServiceSettings,
+    revision: run_v2.Revision,
+    image_repository: str,
+    secret_states: Mapping[str, str],
+) -> list[CheckResult]:
+    """Run the REVISION_CHECKS on one revision, in that order."""
+    name = settings.name
+    return [
         _result(
             "identity.dedicated-service-account",
             name,
@@ -371,12 +454,6 @@ def audit_configuration(
             and not _DEFAULT_COMPUTE_SA.match(revision.service_account or ""),
             f"service account: {revision.service_account or '(default compute)'}",
             fix=f"run the revision as {settings.service_account}",
-        ),
-        _result(
-            "ingress.private",
-            name,
-            service.ingress in _PRIVATE_INGRESS,
-            f"ingress: {run_v2.IngressTraffic(service.ingress).name}",
         ),
         _no_plaintext_secrets(name, revision),
         _secrets_pinned(name, revision),
@@ -402,6 +479,76 @@ def audit_configuration(
         _startup_probes(name, revision),
         _gpu_request(settings, revision),
     ]
+
+
+def _merge_reachable(
+    settings: ServiceSettings,
+    revision: run_v2.Revision,
+    audited: dict[str, CheckResult],
+    image_repository: str,
+    reachable: Sequence[ReachableRevision],
+) -> dict[str, CheckResult]:
+    """Fold the REVISION_CHECKS of the reachable revisions into the audited ones.
+
+    Each merged result passes only when every revision passes, names every revision in
+    its evidence, and takes its fix from the first revision that failed.
+    """
+    per_revision = [
+        (
+            f"revision {_short(revision.name)} (audited)",
+            audited,
+        ),
+        *(
+            (
+                f"revision {_short(other.revision.name)} ({', '.join(other.routes)})",
+                {
+                    result.id: result
+                    for result in _revision_results(
+                        settings,
+                        other.revision,
+                        image_repository,
+                        other.secret_states,
+                    )
+                },
+            )
+            for other in reachable
+        ),
+    ]
+    merged = {}
+    for check_id in REVISION_CHECKS:
+        results = [(label, by_id[check_id]) for label, by_id in per_revision]
+        failed = [result for _, result in results if not result.passed]
+        merged[check_id] = _result(
+            check_id,
+            settings.name,
+            not failed,
+            "; ".join(f"{label}: {result.evidence}" for label, result in results),
+            fix=(failed[0] if failed else results[0][1]).fix,
+        )
+    return merged
+
+
+def _short(resource_name: str) -> str:
+    return resource_name.rsplit("/", 1)[-1]
+
+
+def reachable_routes(service: run_v2.Service, audited: str) -> dict[str, list[str]]:
+    """Map each short revision name that a tag or traffic entry reaches to its routes.
+
+    `audited` (a short revision name) is left out. A LATEST entry reaches the latest
+    ready revision. Traffic statuses are read, because they are what serves now.
+    """
+    latest = _short(service.latest_ready_revision)
+    routes: dict[str, list[str]] = {}
+    for status in service.traffic_statuses:
+        short = latest if status.type_ == _LATEST else status.revision
+        if not short or short == audited:
+            continue
+        if status.percent:
+            routes.setdefault(short, []).append(f"{status.percent}% of traffic")
+        if status.tag:
+            routes.setdefault(short, []).append(f"tag {status.tag}")
+    return {short: labels for short, labels in sorted(routes.items()) if labels}
 
 
 def secret_refs(revision: run_v2.Revision) -> list[tuple[str, str, str]]:
@@ -1240,6 +1387,23 @@ def read_secret_states(clients: Clients, revision: run_v2.Revision) -> dict[str,
     return states
 
 
+def read_reachable_revisions(
+    clients: Clients, service: run_v2.Service, audited: str
+) -> list[ReachableRevision]:
+    """Read every revision besides `audited` that a tag or traffic entry reaches."""
+    reachable = []
+    for short, routes in reachable_routes(service, audited).items():
+        revision = clients.revisions.get_revision(
+            name=f"{service.name}/revisions/{short}"
+        )
+        reachable.append(
+            ReachableRevision(
+                revision, tuple(routes), read_secret_states(clients, revision)
+            )
+        )
+    return reachable
+
+
 def container_env(revision: run_v2.Revision, env_name: str) -> str:
     """Return the first plain value of `env_name` in the revision's containers."""
     for container in revision.containers:
@@ -1266,13 +1430,23 @@ def check_service(
     candidate: Candidate,
     identity: ProbeIdentity,
     health_path: str,
+    include_reachable: bool = False,
 ) -> list[CheckResult]:
-    """Audit the candidate's configuration and probe its tag URL for IAM enforcement."""
+    """Audit the candidate's configuration and probe its tag URL for IAM enforcement.
+
+    With `include_reachable`, every other revision that a tag or a traffic entry
+    reaches gets the revision checks too (see audit_configuration), but no probes.
+    """
     service = clients.services.get_service(name=candidate.service)
     revision = clients.revisions.get_revision(
         name=f"{candidate.service}/revisions/{candidate.revision}"
     )
     policy = clients.services.get_iam_policy(request={"resource": candidate.service})
+    reachable = (
+        read_reachable_revisions(clients, service, candidate.revision)
+        if include_reachable
+        else []
+    )
     results = audit_configuration(
         settings,
         service,
@@ -1280,6 +1454,7 @@ def check_service(
         policy,
         clients.target.image_repository,
         read_secret_states(clients, revision),
+        reachable,
     )
     results += probe_access(settings.name, candidate.tag_url, health_path, identity)
     log_outcome(settings.name, results)

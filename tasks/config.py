@@ -6,11 +6,13 @@ and states the fix, because the same models back the Prefect UI form.
 
 from __future__ import annotations
 
+import ast
 import fnmatch
+import functools
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -35,6 +37,30 @@ MAX_PROBE_PERIOD_SECONDS = 240
 GPU_MIN_CPU = 4.0
 MAX_CPU = 8.0
 GPU_MIN_MEMORY_GIB = 16
+# Cloud Run CPU and memory rules, from "Configure CPU limits for services" and
+# "Configure memory limits for services" (cloud.google.com/run/docs/configuring/
+# services/cpu and .../memory-limits). A CPU limit is 0.08 to 1 in steps of 0.001,
+# or a whole number above 1. An instance gets 1, 2, 4, 6 or 8 vCPU, and each of those
+# allows the memory range below. Below 1 vCPU Cloud Run requires the first generation
+# execution environment, but tasks.deploy deploys the second, whose memory minimum is
+# 512 MiB.
+MIN_CPU = 0.08
+MAX_MEMORY_GIB = 32.0
+MEMORY_RANGE_GIB: dict[float, tuple[float, float]] = {
+    1.0: (0.5, 4.0),
+    2.0: (0.5, 8.0),
+    4.0: (2.0, 16.0),
+    6.0: (4.0, 24.0),
+    8.0: (4.0, 32.0),
+}
+# The port of the first container of each service (tasks.deploy.INGRESS_PORT).
+INGRESS_CONTAINER_PORT = 8080
+# Product limits, not Cloud Run's, for values that later become a timedelta or an int
+# of bytes, so no conversion overflows.
+MAX_KEY_HOURS = 24 * 365
+MAX_MODEL_GIB = 1024.0
+MAX_LOAD_MIB_PER_SECOND = 1_000_000.0
+MCP_SERVER_SOURCE = Path(__file__).resolve().parents[1] / "containers/mcp/server.py"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
@@ -62,12 +88,26 @@ _DEFAULT_COMPUTE_SA = re.compile(r"^\d+-compute@developer\.gserviceaccount\.com$
 _MEMBER = re.compile(r"^(serviceAccount|user|group|domain|principal|principalSet):\S+$")
 # Compute resource names are RFC 1035 labels.
 _COMPUTE_NAME = re.compile(r"^[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?$")
+# Google Cloud regions: a continent or area, a direction, and a number (us-central1,
+# europe-west4, northamerica-northeast1).
+_REGION = re.compile(r"^[a-z]+-[a-z]+[0-9]{1,2}$")
+_SERVICE_ACCOUNT = re.compile(
+    r"^[a-z0-9-]+@[a-z0-9-]+(?:\.iam)?\.gserviceaccount\.com$"
+)
+_EMAIL = re.compile(r"^[^@\s]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+$")
+# A CPU limit: vCPUs with at most three decimals, or whole millicores.
+_CPU = re.compile(r"^(?:(?P<vcpu>[0-9]+(?:\.[0-9]{1,3})?)|(?P<millicores>[0-9]+)m)$")
+# A memory limit with one of the units Cloud Run documents: M, G, Mi or Gi.
+_MEMORY = re.compile(r"^(?P<number>[0-9]+(?:\.[0-9]+)?)(?P<unit>Mi|Gi|M|G)$")
+_MEMORY_UNIT_GIB = {"Mi": 1 / 1024, "Gi": 1.0, "M": 10**6 / 2**30, "G": 10**9 / 2**30}
 STRONG_TLS_PROFILES = ("MODERN", "RESTRICTED")
 STRONG_TLS_VERSIONS = ("TLS_1_2", "TLS_1_3")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False rejects .inf and .nan in every float field, so no later
+    # timedelta or int conversion overflows.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Target(_Strict):
@@ -114,6 +154,16 @@ class Target(_Strict):
             raise ValueError(
                 f"project {value!r} is not a valid project id: use 6-30 lowercase "
                 "letters, digits or hyphens, starting with a letter"
+            )
+        return value
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        if not _REGION.fullmatch(value):
+            raise ValueError(
+                f"region {value!r} is not a Google Cloud region: use a region id such "
+                "as 'us-central1' or 'europe-west4'"
             )
         return value
 
@@ -183,6 +233,36 @@ class ServiceSettings(_Strict):
     allow_external_egress: bool = Field(
         False, description="Route only private ranges through the VPC"
     )
+
+    @field_validator("ingress", mode="before")
+    @classmethod
+    def _private_ingress(cls, value: object) -> object:
+        if value == "all":
+            raise ValueError(
+                "ingress 'all' accepts requests from the internet: use 'internal', or "
+                "'internal-and-cloud-load-balancing' behind a load balancer"
+            )
+        return value
+
+    @field_validator("cpu", "memory", mode="before")
+    @classmethod
+    def _number_as_text(cls, value: object) -> object:
+        # YAML reads `cpu: 2` as an int; Cloud Run takes the limit as text.
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return f"{value:g}"
+        return value
+
+    @field_validator("cpu")
+    @classmethod
+    def _cpu_limit(cls, value: str, info: ValidationInfo) -> str:
+        parse_cpu(value, info.field_name or "cpu")
+        return value
+
+    @field_validator("memory")
+    @classmethod
+    def _memory_limit(cls, value: str, info: ValidationInfo) -> str:
+        parse_memory_gib(value, info.field_name or "memory")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -261,6 +341,7 @@ class LlmSettings(ServiceSettings):
     model_load_mib_per_second: float = Field(
         100.0,
         gt=0,
+        le=MAX_LOAD_MIB_PER_SECOND,
         description="Measured rate at which the engine loads weights, in MiB/s; "
         "sizes the startup probe",
     )
@@ -282,20 +363,65 @@ class LlmSettings(ServiceSettings):
     expected_model_gib: float | None = Field(
         None,
         gt=0,
+        le=MAX_MODEL_GIB,
         description="Size of the weights in GiB, checked against the startup window "
         "when the config loads",
     )
     key_rollback_window_hours: float = Field(
         24.0,
         ge=0,
+        le=MAX_KEY_HOURS,
         description="Hours an API key version stays enabled after nothing references "
-        "it, so a rollback can still start",
+        "it, so a rollback can still start (at most 8760, one year)",
     )
     key_destroy_grace_hours: float = Field(
         72.0,
         ge=0,
-        description="Hours a disabled API key version waits before it is destroyed",
+        le=MAX_KEY_HOURS,
+        description="Hours a disabled API key version waits before it is destroyed "
+        "(at most 8760, one year)",
     )
+
+    @field_validator("guard_cpu", "guard_memory", mode="before")
+    @classmethod
+    def _guard_number_as_text(cls, value: object) -> object:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return f"{value:g}"
+        return value
+
+    @field_validator("guard_cpu")
+    @classmethod
+    def _guard_cpu_limit(cls, value: str) -> str:
+        parse_cpu(value, "guard_cpu")
+        return value
+
+    @field_validator("guard_memory")
+    @classmethod
+    def _guard_memory_limit(cls, value: str) -> str:
+        parse_memory_gib(value, "guard_memory")
+        return value
+
+    @field_validator("engine_port")
+    @classmethod
+    def _engine_port_free(cls, value: int) -> int:
+        if value == INGRESS_CONTAINER_PORT:
+            raise ValueError(
+                f"engine_port {value} is the port of the guard container, which "
+                "receives the service's requests: pick another port such as 8081"
+            )
+        return value
+
+    @field_validator("engine_command")
+    @classmethod
+    def _engine_command_entries(cls, command: list[str]) -> list[str]:
+        for index, argument in enumerate(command):
+            if not argument.strip():
+                raise ValueError(
+                    f"engine_command entry {index} is {argument!r}, an empty argument: "
+                    "remove it, and start the command with the executable such as "
+                    "'python3'"
+                )
+        return command
 
     @field_validator("api_key_secret")
     @classmethod
@@ -320,8 +446,8 @@ class LlmSettings(ServiceSettings):
 
     @model_validator(mode="after")
     def _instance_cpu(self) -> LlmSettings:
-        engine, guard = _parse_cpu(self.cpu), _parse_cpu(self.guard_cpu)
-        if engine is not None and guard is not None and engine + guard > MAX_CPU:
+        engine, guard = parse_cpu(self.cpu), parse_cpu(self.guard_cpu)
+        if engine + guard > MAX_CPU:
             raise ValueError(
                 f"cpu {self.cpu!r} plus guard_cpu {self.guard_cpu!r} is "
                 f"{engine + guard:g} vCPU per instance, over Cloud Run's maximum of "
@@ -333,18 +459,32 @@ class LlmSettings(ServiceSettings):
     def _gpu_minimums(self) -> LlmSettings:
         if self.gpu is None:
             return self
-        cpu = _parse_cpu(self.cpu)
-        memory = _parse_gib(self.memory)
-        if cpu is not None and cpu < GPU_MIN_CPU:
+        cpu = parse_cpu(self.cpu)
+        memory = parse_memory_gib(self.memory)
+        if cpu < GPU_MIN_CPU:
             raise ValueError(
                 f"cpu {self.cpu!r} is too small for a GPU: Cloud Run needs at least "
                 f"{GPU_MIN_CPU:g} vCPU with a GPU (8 recommended for nvidia-l4)"
             )
-        if memory is not None and memory < GPU_MIN_MEMORY_GIB:
+        if memory < GPU_MIN_MEMORY_GIB:
             raise ValueError(
                 f"memory {self.memory!r} is too small for a GPU: Cloud Run needs at "
                 f"least {GPU_MIN_MEMORY_GIB}Gi with a GPU (32Gi recommended)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _instance_memory(self) -> LlmSettings:
+        # Runs after the GPU minimums, so a GPU setting too small gets that message.
+        # NOTE: the Cloud Run pages cited at MEMORY_RANGE_GIB state the rules per
+        # instance. Applying them to the sum of the guard and engine limits is an
+        # assumption, which localcloud makes too.
+        check_instance_resources(
+            parse_cpu(self.cpu) + parse_cpu(self.guard_cpu),
+            parse_memory_gib(self.memory) + parse_memory_gib(self.guard_memory),
+            f"cpu {self.cpu!r} plus guard_cpu {self.guard_cpu!r}, memory "
+            f"{self.memory!r} plus guard_memory {self.guard_memory!r}",
+        )
         return self
 
 
@@ -388,22 +528,82 @@ def startup_probe_budget(
     return period, math.ceil(window / period)
 
 
-def _parse_cpu(value: str) -> float | None:
-    try:
-        return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
-    except ValueError:
-        return None
+def parse_cpu(value: str, field: str = "cpu") -> float:
+    """Return a Cloud Run CPU limit in vCPU; raise ValueError naming `field`."""
+    match = _CPU.fullmatch(value)
+    if match is None:
+        raise ValueError(
+            f"{field} {value!r} is not a CPU limit: give vCPUs as a number such as "
+            "'1' or '2', or millicores such as '500m'"
+        )
+    if match["millicores"] is not None:
+        cpu = int(match["millicores"]) / 1000
+    else:
+        cpu = float(match["vcpu"])
+    if cpu <= 0:
+        raise ValueError(f"{field} {value!r} is not positive: give at least '1'")
+    if cpu < MIN_CPU:
+        raise ValueError(
+            f"{field} {value!r} is under Cloud Run's minimum of {MIN_CPU:g} vCPU: "
+            "raise it"
+        )
+    if cpu > MAX_CPU:
+        raise ValueError(
+            f"{field} {value!r} is over Cloud Run's maximum of {MAX_CPU:g} vCPU: "
+            "lower it"
+        )
+    if cpu > 1 and not cpu.is_integer():
+        raise ValueError(
+            f"{field} {value!r} is invalid: above 1 vCPU Cloud Run accepts only whole "
+            "numbers, such as '2' or '4'"
+        )
+    return round(cpu, 3)
 
 
-def _parse_gib(value: str) -> float | None:
-    units = {"Mi": 1 / 1024, "Gi": 1.0, "M": 10**6 / 2**30, "G": 10**9 / 2**30}
-    for suffix, factor in units.items():
-        if value.endswith(suffix):
-            try:
-                return float(value[: -len(suffix)]) * factor
-            except ValueError:
-                return None
-    return None
+def parse_memory_gib(value: str, field: str = "memory") -> float:
+    """Return a Cloud Run memory limit in GiB; raise ValueError naming `field`."""
+    match = _MEMORY.fullmatch(value)
+    if match is None:
+        raise ValueError(
+            f"{field} {value!r} is not a memory limit: give a positive number with a "
+            "unit Mi, Gi, M or G, such as '512Mi' or '2Gi'"
+        )
+    gib = float(match["number"]) * _MEMORY_UNIT_GIB[match["unit"]]
+    if gib <= 0:
+        raise ValueError(f"{field} {value!r} is not positive: give at least '512Mi'")
+    if gib > MAX_MEMORY_GIB:
+        raise ValueError(
+            f"{field} {value!r} is over Cloud Run's maximum of {MAX_MEMORY_GIB:g}Gi: "
+            "lower it"
+        )
+    return gib
+
+
+def check_instance_resources(cpu: float, memory_gib: float, limits: str) -> None:
+    """Check one instance's total CPU and memory against Cloud Run's allowed pairs.
+
+    `limits` names the settings behind the totals for the message.
+    """
+    cpu = round(cpu, 3)
+    if cpu < 1:
+        raise ValueError(
+            f"{limits} give {cpu:g} vCPU per instance: below 1 vCPU Cloud Run requires "
+            "the first generation execution environment, but the pipeline deploys "
+            "the second, so use at least 1 vCPU"
+        )
+    if cpu not in MEMORY_RANGE_GIB:
+        allowed = ", ".join(f"{count:g}" for count in MEMORY_RANGE_GIB)
+        raise ValueError(
+            f"{limits} give {cpu:g} vCPU per instance, which Cloud Run does not "
+            f"offer: make the total one of {allowed}"
+        )
+    low, high = MEMORY_RANGE_GIB[cpu]
+    if not low <= memory_gib <= high:
+        raise ValueError(
+            f"{limits} give {memory_gib:g} GiB of memory with {cpu:g} vCPU per "
+            f"instance, but Cloud Run allows {low:g} to {high:g} GiB with {cpu:g} "
+            "vCPU: change memory or cpu"
+        )
 
 
 class McpSettings(ServiceSettings):
@@ -413,12 +613,79 @@ class McpSettings(ServiceSettings):
         description="The only MCP tools the server registers",
     )
 
+    @field_validator("tool_allowlist")
+    @classmethod
+    def _known_tools(cls, names: list[str]) -> list[str]:
+        known = mcp_tool_names()
+        for name in names:
+            if name not in known:
+                raise ValueError(
+                    f"tool_allowlist entry {name!r} is not a tool of the MCP server: "
+                    f"list one or more of {', '.join(known)}"
+                )
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(
+                f"tool_allowlist lists {', '.join(map(repr, duplicates))} more than "
+                "once: list each tool once"
+            )
+        return names
+
+    @model_validator(mode="after")
+    def _instance_memory(self) -> McpSettings:
+        check_instance_resources(
+            parse_cpu(self.cpu),
+            parse_memory_gib(self.memory),
+            f"cpu {self.cpu!r} and memory {self.memory!r}",
+        )
+        return self
+
+
+@functools.cache
+def mcp_tool_names() -> tuple[str, ...]:
+    """Read the tool names of the MCP server from TOOL_FACTORIES in its source.
+
+    The source is parsed, not imported, so loading a config does not import the MCP
+    SDK.
+    """
+    tree = ast.parse(MCP_SERVER_SOURCE.read_text(encoding="utf-8"))
+    for node in tree.body:
+        target: ast.expr
+        value: ast.expr | None
+        if isinstance(node, ast.AnnAssign):
+            target, value = node.target, node.value
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        else:
+            continue
+        is_factories = isinstance(target, ast.Name) and target.id == "TOOL_FACTORIES"
+        if is_factories and isinstance(value, ast.Dict):
+            return tuple(
+                key.value
+                for key in value.keys
+                if isinstance(key, ast.Constant) and isinstance(key.value, str)
+            )
+    raise RuntimeError(
+        f"{MCP_SERVER_SOURCE} has no TOOL_FACTORIES dict literal, so the known MCP "
+        "tools cannot be read: restore it as a dict of tool name to factory"
+    )
+
 
 class AlertSettings(_Strict):
     notification_email: str = Field(description="Email channel for anomaly alerts")
     rate_limit_seconds: int = Field(
         300, ge=300, le=86400, description="Minimum time between notifications"
     )
+
+    @field_validator("notification_email")
+    @classmethod
+    def _email_address(cls, value: str) -> str:
+        if not _EMAIL.fullmatch(value):
+            raise ValueError(
+                f"notification_email {value!r} is not an email address: give one "
+                "such as 'oncall@example.com'"
+            )
+        return value
 
 
 class LoadBalancerSettings(_Strict):
@@ -517,6 +784,25 @@ class RefreshConfig(_Strict):
     )
     report_dir: str = Field("reports", description="Folder for JSON reports")
 
+    @field_validator("probe_principal", "outsider_principal")
+    @classmethod
+    def _service_account_email(cls, value: str, info: ValidationInfo) -> str:
+        if not _SERVICE_ACCOUNT.fullmatch(value):
+            raise ValueError(
+                f"{info.field_name} {value!r} is not a service account email: give "
+                "one such as 'NAME@PROJECT.iam.gserviceaccount.com'"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_services(self) -> RefreshConfig:
+        if self.llm.name == self.mcp.name:
+            raise ValueError(
+                f"mcp.name {self.mcp.name!r} is also llm.name, so the MCP image would "
+                "be deployed into the LLM service: give the services different names"
+            )
+        return self
+
     @model_validator(mode="after")
     def _probe_is_invoker(self) -> RefreshConfig:
         member = f"serviceAccount:{self.probe_principal}"
@@ -526,6 +812,12 @@ class RefreshConfig(_Strict):
                     f"probe_principal {self.probe_principal!r} is not an invoker of "
                     f"{service.name}: add {member!r} to its invokers"
                 )
+        if self.outsider_principal == self.probe_principal:
+            raise ValueError(
+                f"outsider_principal {self.outsider_principal!r} is also the "
+                "probe_principal, so the 403 check would probe with an invoker: pick "
+                "an identity that must be denied"
+            )
         outsider = f"serviceAccount:{self.outsider_principal}"
         if outsider in self.llm.invokers or outsider in self.mcp.invokers:
             raise ValueError(
@@ -617,21 +909,56 @@ def _may_match_weights(pattern: str) -> bool:
 def load_config(path: str | Path) -> RefreshConfig:
     """Read and validate a target config file; ConfigError lists every problem."""
     file = Path(path)
+    if file.is_dir():
+        raise ConfigError(
+            f"target config {str(file)!r} is a directory: pass the path of a YAML file "
+            "such as deployments/targets/local.yaml"
+        )
     if not file.is_file():
         raise ConfigError(
             f"target config {str(file)!r} not found: pass the path of a YAML file such "
             "as deployments/targets/local.yaml"
         )
     try:
-        data = yaml.safe_load(file.read_text())
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"target config {str(file)!r} is not UTF-8 text (byte "
+            f"{exc.object[exc.start]:#04x} at offset {exc.start}): save it as UTF-8"
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(
+            f"target config {str(file)!r} cannot be read: {exc.strerror}; check its "
+            "permissions"
+        ) from exc
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(
             f"target config {str(file)!r} is not valid YAML: {exc}"
         ) from exc
+    fields = RefreshConfig.model_fields
+    sections = ", ".join(name for name, info in fields.items() if info.is_required())
+    sections += " (optional: "
+    sections += ", ".join(n for n, info in fields.items() if not info.is_required())
+    sections += ")"
+    if data is None:
+        raise ConfigError(
+            f"target config {str(file)!r} is empty: it needs the top-level sections "
+            f"{sections}; start from deployments/targets/local.yaml"
+        )
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"target config {str(file)!r} contains a YAML {type(data).__name__}, not "
+            f"a mapping: it needs the top-level sections {sections}; start from "
+            "deployments/targets/local.yaml"
+        )
     try:
         return RefreshConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(str(file), exc)) from exc
+        raise ConfigError(
+            format_validation_error(f"target config {str(file)!r}", exc, RefreshConfig)
+        ) from exc
 
 
 def parse_request(values: RefreshRequest | dict[str, object]) -> RefreshRequest:
@@ -640,13 +967,70 @@ def parse_request(values: RefreshRequest | dict[str, object]) -> RefreshRequest:
     try:
         return RefreshRequest.model_validate(values)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error("refresh request", exc)) from exc
+        raise ConfigError(
+            format_validation_error("refresh request", exc, RefreshRequest)
+        ) from exc
 
 
-def format_validation_error(source: str, exc: ValidationError) -> str:
+def format_validation_error(
+    source: str, exc: ValidationError, model: type[BaseModel] | None = None
+) -> str:
+    """Write one line per error: the field path, the problem, the value and the fix.
+
+    With `model`, an unknown key lists the keys its section accepts.
+    """
     lines = [f"{source} is invalid:"]
     for error in exc.errors():
-        field = ".".join(str(part) for part in error["loc"]) or "(root)"
+        location = error["loc"]
+        field = ".".join(str(part) for part in location) or "(root)"
         message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = _unknown_key_message(model, location)
+        elif error["type"] != "value_error" and _is_scalar(error.get("input")):
+            # pydantic's own messages (ranges, literals, finite numbers) state the
+            # rule but not the value.
+            message = f"{message}, got {error['input']!r}"
         lines.append(f"  {field}: {message}")
     return "\n".join(lines)
+
+
+def _is_scalar(value: object) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def _unknown_key_message(
+    model: type[BaseModel] | None, location: tuple[int | str, ...]
+) -> str:
+    key = location[-1] if location else ""
+    section = _section_model(model, location[:-1]) if model is not None else None
+    if section is None:
+        return f"unknown key {key!r}: remove it or fix its spelling"
+    where = ".".join(str(part) for part in location[:-1]) or "the top level"
+    allowed = ", ".join(section.model_fields)
+    return f"unknown key {key!r}: {where} accepts {allowed}; remove or rename it"
+
+
+def _section_model(
+    model: type[BaseModel], path: tuple[int | str, ...]
+) -> type[BaseModel] | None:
+    current = model
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part)
+        found = _model_in(field.annotation) if field is not None else None
+        if found is None:
+            return None
+        current = found
+    return current
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """Return the pydantic model inside an annotation such as `Gpu | None`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in get_args(annotation):
+        found = _model_in(argument)
+        if found is not None:
+            return found
+    return None

@@ -16,7 +16,7 @@ import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from google.api_core import exceptions as gexc
 from google.cloud import run_v2, secretmanager_v1
@@ -50,6 +50,30 @@ ANNOTATION_IMAGE = "model-refresh/image"
 # a revision of the same name.
 ANNOTATION_SPEC = "model-refresh/spec-digest"
 INVOKER_ROLE = "roles/run.invoker"
+
+# Predefined roles that contain run.routes.invoke, the permission Cloud Run requires
+# to invoke a service. Owner, Editor, Cloud Run Admin and Cloud Run Invoker are from
+# Google's Cloud Run access docs (cloud.google.com/run/docs/securing/managing-access).
+# The other roles are from a public dump of the IAM role definitions
+# (github.com/iann0036/iam-dataset).
+# NOTE: custom roles are not resolved, so a custom role with run.routes.invoke passes.
+INVOKE_ROLES: Final = frozenset(
+    {
+        "roles/owner",
+        "roles/editor",
+        "roles/run.admin",
+        "roles/run.developer",
+        "roles/run.invoker",
+        "roles/run.servicesInvoker",
+        "roles/run.serviceAgent",
+        "roles/serverless.serviceAgent",
+        "roles/cloudfunctions.admin",
+        "roles/cloudfunctions.developer",
+        "roles/cloudfunctions.serviceAgent",
+        "roles/firebase.admin",
+        "roles/firebase.developAdmin",
+    }
+)
 # The guard's system prompt. The rollout's canary appended to it is not a credential,
 # but it is kept out of logs so that a leaked completion is the only way to learn it.
 GUARD_SYSTEM_PROMPT = (
@@ -847,27 +871,50 @@ def _set_traffic(
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
 def set_invokers(clients: Clients, settings: ServiceSettings) -> None:
-    """Make roles/run.invoker hold exactly the configured members."""
+    """Make the configured members the only ones able to invoke the service.
+
+    roles/run.invoker gets exactly the configured members. A member outside them
+    loses any other role on the service that can invoke it (INVOKE_ROLES), with a
+    warning, because the config is the source of truth for who may call the model.
+    Roles that cannot invoke, and every binding with a condition, are left alone.
+    """
     logger = get_run_logger()
     name = service_name(clients, settings.name)
     policy = clients.services.get_iam_policy(request={"resource": name})
     wanted = sorted(settings.invokers)
+    bindings: list[policy_pb2.Binding] = []
+    removed: list[str] = []
+    for binding in policy.bindings:
+        if binding.role == INVOKER_ROLE:
+            continue
+        if binding.role in INVOKE_ROLES and not binding.HasField("condition"):
+            kept = [m for m in binding.members if m in settings.invokers]
+            removed += [
+                f"{m} ({binding.role})" for m in binding.members if m not in kept
+            ]
+            if not kept:
+                continue
+            binding = policy_pb2.Binding(role=binding.role, members=kept)
+        bindings.append(binding)
     current = sorted(
         m for b in policy.bindings if b.role == INVOKER_ROLE for m in b.members
     )
-    if (
-        current == wanted
-        and len([b for b in policy.bindings if b.role == INVOKER_ROLE]) == 1
-    ):
+    invoker_bindings = [b for b in policy.bindings if b.role == INVOKER_ROLE]
+    if current == wanted and len(invoker_bindings) == 1 and not removed:
         logger.info("Invokers of %s already match the config", name)
         return
 
-    bindings = [b for b in policy.bindings if b.role != INVOKER_ROLE]
     bindings.append(policy_pb2.Binding(role=INVOKER_ROLE, members=wanted))
     new_policy = policy_pb2.Policy(
         bindings=bindings, etag=policy.etag, version=policy.version
     )
     clients.services.set_iam_policy(request={"resource": name, "policy": new_policy})
+    if removed:
+        logger.warning(
+            "Removed members of %s that could invoke it outside the config: %s",
+            name,
+            ", ".join(removed),
+        )
     logger.info("Set invokers of %s to %s", name, ", ".join(wanted))
 
 

@@ -419,7 +419,7 @@ def verify_file(item: RemoteFile, local: Path) -> None:
     if info.st_size != item.size:
         raise DownloadError(
             f"incomplete snapshot: {item.path} has {info.st_size} bytes, the Hub lists "
-            f"{item.size}; delete it and rerun"
+            f"{item.size}"
         )
     digest = _new_digest(item)
     with _open_regular(local) as handle:
@@ -547,7 +547,7 @@ def _check_digest(item: RemoteFile, digest: Any) -> None:
     if digest.hexdigest() != expected:
         raise DownloadError(
             f"{item.path} does not match the Hub's hash (expected {expected}, got "
-            f"{digest.hexdigest()}); delete it from the cache and rerun"
+            f"{digest.hexdigest()})"
         )
 
 
@@ -634,9 +634,12 @@ def _fetch_file(
 
     try:
         _check_digest(item, digest)
-    except DownloadError:
+    except DownloadError as exc:
         partial.unlink()
-        raise
+        raise DownloadError(
+            f"{exc}; the download was deleted from the cache, so a rerun fetches it "
+            "again"
+        ) from exc
     os.replace(partial, local)
     return local
 

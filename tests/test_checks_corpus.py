@@ -3,7 +3,8 @@
 The baseline is what the pipeline itself deploys for the GCP example target (the
 revision templates of tasks.deploy, the alert policies of tasks.alerts), plus what
 healthy live probes observe. Each variant changes one thing, and the whole catalogue
-must flag exactly that check on the variant and nothing on the baseline.
+must flag exactly that check on the variant and nothing on the baseline. A harmless
+variant changes something that must not be flagged at all.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from google.cloud import compute_v1, monitoring_v3, run_v2
 from google.cloud.logging_v2.types import LogMetric
 from google.iam.v1 import policy_pb2
 
+from localcloud.runtime import frontdoor
 from tasks.alerts import _log_match_policy, _threshold_policy, anomaly_rules
 from tasks.checks import (
     CATALOGUE,
+    INVOKE_ROLES,
     CheckResult,
     McpObservations,
+    ReachableRevision,
     Reply,
     audit_alerting,
     audit_configuration,
@@ -34,6 +38,7 @@ from tasks.checks import (
     evaluate_mcp,
     evaluate_rejections_logged,
     leaks_canary,
+    reachable_routes,
 )
 from tasks.config import RefreshConfig, ServiceSettings, load_config
 from tasks.deploy import INVOKER_ROLE, llm_template, mcp_template
@@ -61,6 +66,8 @@ class ServiceCase:
     policy: policy_pb2.Policy
     secret_states: dict[str, str]
     statuses: dict[str, int]
+    # Other revisions that a tag or traffic entry reaches, such as the rollback tag.
+    reachable: list[ReachableRevision] = field(default_factory=list)
 
 
 @dataclass
@@ -109,8 +116,9 @@ def _service_case(
         policy=policy_pb2.Policy(
             bindings=[
                 policy_pb2.Binding(role=INVOKER_ROLE, members=settings.invokers),
+                # run.viewer has no run.routes.invoke, so this group cannot invoke.
                 policy_pb2.Binding(
-                    role="roles/run.developer", members=["group:ml-platform@x.com"]
+                    role="roles/run.viewer", members=["group:ml-platform@x.com"]
                 ),
             ]
         ),
@@ -180,6 +188,7 @@ def run_catalogue(case: Case, config: RefreshConfig = CONFIG) -> list[CheckResul
             one.policy,
             config.target.image_repository,
             one.secret_states,
+            one.reachable,
         )
         results += evaluate_access(one.settings.name, "/health", one.statuses)
     results += audit_alerting(config, case.metrics, case.policies)
@@ -219,6 +228,47 @@ def _add_invoker(member: str) -> Callable[[Case], None]:
         )
 
     return mutate
+
+
+def _grant(role: str, member: str) -> Callable[[Case], None]:
+    def mutate(case: Case) -> None:
+        case.llm.policy.bindings.append(policy_pb2.Binding(role=role, members=[member]))
+
+    return mutate
+
+
+def _platform_group_role(role: str) -> Callable[[Case], None]:
+    def mutate(case: Case) -> None:
+        case.llm.policy.bindings[1].role = role
+
+    return mutate
+
+
+def _tagged_revision(
+    tag: str, change: Callable[[run_v2.Revision], None] | None = None
+) -> Callable[[Case], None]:
+    """Reach a copy of the LLM revision under `tag`, after applying `change` to it."""
+
+    def mutate(case: Case) -> None:
+        revision = run_v2.Revision(case.llm.revision)
+        revision.name = f"{case.llm.settings.name}-{tag}"
+        if change is not None:
+            change(revision)
+        case.llm.reachable.append(
+            ReachableRevision(revision, (f"tag {tag}",), dict(case.llm.secret_states))
+        )
+
+    return mutate
+
+
+def _default_identity(revision: run_v2.Revision) -> None:
+    revision.service_account = "123456789012-compute@developer.gserviceaccount.com"
+
+
+def _debug_token(revision: run_v2.Revision) -> None:
+    revision.containers[0].env.append(
+        run_v2.EnvVar(name="DEBUG_TOKEN", value="not-a-real-token")
+    )
 
 
 def _drop_invoker(case: Case) -> None:
@@ -345,8 +395,10 @@ def _tools(**changes: object) -> Callable[[Case], None]:
 
 
 VPC = run_v2.VpcAccess.VpcEgress
+LATEST = run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_LATEST
 REPO = CONFIG.target.image_repository
-VARIANTS: dict[str, tuple[Callable[[Case], None], str]] = {
+# Each variant maps to the one check it must fail, or to None when nothing may fail.
+VARIANTS: dict[str, tuple[Callable[[Case], None], str | None]] = {
     "allUsers invoker": (_add_invoker("allUsers"), "iam.no-public-access"),
     "allAuthenticatedUsers invoker": (
         _add_invoker("allAuthenticatedUsers"),
@@ -354,6 +406,26 @@ VARIANTS: dict[str, tuple[Callable[[Case], None], str]] = {
     ),
     "unlisted invoker": (_add_invoker("user:intern@x.com"), "iam.invokers-exact"),
     "configured invoker missing": (_drop_invoker, "iam.invokers-exact"),
+    "run.admin to an outsider": (
+        _grant("roles/run.admin", "user:attacker@example.com"),
+        "iam.invokers-exact",
+    ),
+    "owner to a group": (
+        _grant("roles/owner", "group:contractors@example.com"),
+        "iam.invokers-exact",
+    ),
+    "run.developer to the platform group": (
+        _platform_group_role("roles/run.developer"),
+        "iam.invokers-exact",
+    ),
+    "run.viewer to an outsider (harmless)": (
+        _grant("roles/run.viewer", "user:auditor@example.com"),
+        None,
+    ),
+    "run.admin to a configured invoker (harmless)": (
+        _grant("roles/run.admin", CONFIG.llm.invokers[0]),
+        None,
+    ),
     "invoker IAM disabled": (
         lambda c: setattr(c.llm.service, "invoker_iam_disabled", True),
         "iam.invoker-check-enabled",
@@ -411,6 +483,18 @@ VARIANTS: dict[str, tuple[Callable[[Case], None], str]] = {
         "supply-chain.image-digest",
     ),
     "startup probe period over 240 s": (_slow_probe, "runtime.startup-probe"),
+    "tagged revision as default compute": (
+        _tagged_revision("debug", _default_identity),
+        "identity.dedicated-service-account",
+    ),
+    "tagged revision with plaintext token": (
+        _tagged_revision("debug", _debug_token),
+        "secrets.no-plaintext-env",
+    ),
+    "tagged rollback revision like the baseline (harmless)": (
+        _tagged_revision("rollback"),
+        None,
+    ),
     "GPU missing": (_no_gpu, "runtime.gpu"),
     "other GPU type": (_other_gpu, "runtime.gpu"),
     "TLS 1.0 policy": (
@@ -513,7 +597,7 @@ def test_baseline_runs_whole_catalogue() -> None:
 
 
 def test_every_check_has_a_variant() -> None:
-    covered = {check for _, check in VARIANTS.values()}
+    covered = {check for _, check in VARIANTS.values() if check is not None}
 
     assert covered == set(CATALOGUE) - NOT_IN_CORPUS
 
@@ -524,26 +608,96 @@ def test_variant_fails_exactly_its_check(variant: str) -> None:
     case = baseline()
     mutate(case)
 
-    assert _ids(run_catalogue(case)) == [expected]
+    assert _ids(run_catalogue(case)) == ([expected] if expected else [])
 
 
 def test_corpus_detection_rate(capsys: pytest.CaptureFixture[str]) -> None:
+    mistakes = {name: v for name, v in VARIANTS.items() if v[1] is not None}
+    harmless = [mutate for mutate, expected in VARIANTS.values() if expected is None]
     detected = 0
-    for mutate, expected in VARIANTS.values():
+    for mutate, expected in mistakes.values():
         case = baseline()
         mutate(case)
         detected += _ids(run_catalogue(case)) == [expected]
     false_positives = len(_failed(run_catalogue(baseline())))
-    rate = detected / len(VARIANTS)
+    for mutate in harmless:
+        case = baseline()
+        mutate(case)
+        false_positives += len(_failed(run_catalogue(case)))
+    rate = detected / len(mistakes)
     with capsys.disabled():
         print(
-            f"\nmisconfiguration corpus: {len(VARIANTS)} variants, detection "
-            f"{rate:.0%}, false positives on the baseline: {false_positives}"
+            f"\nmisconfiguration corpus: {len(mistakes)} variants, detection "
+            f"{rate:.0%}, false positives on the baseline and {len(harmless)} "
+            f"harmless variants: {false_positives}"
         )
 
-    assert len(VARIANTS) >= 20
+    assert len(mistakes) >= 20
+    assert len(harmless) >= 3
     assert rate == 1.0
     assert false_positives == 0
+
+
+@pytest.mark.parametrize("role", sorted(INVOKE_ROLES))
+def test_invoking_role_of_outsider_fails(role: str) -> None:
+    case = baseline()
+    _grant(role, "user:attacker@example.com")(case)
+
+    results = run_catalogue(case)
+    check = next(r for r in results if r.id == "iam.invokers-exact")
+
+    assert _ids(results) == ["iam.invokers-exact"]
+    assert f"user:attacker@example.com ({role})" in check.evidence
+
+
+@pytest.mark.parametrize(
+    "role", ["roles/run.viewer", "roles/viewer", "roles/run.builder", "roles/browser"]
+)
+def test_non_invoking_role_of_outsider_passes(role: str) -> None:
+    case = baseline()
+    _grant(role, "user:auditor@example.com")(case)
+
+    assert _failed(run_catalogue(case)) == []
+
+
+def test_frontdoor_invoke_roles_match_checks() -> None:
+    # localcloud keeps its own copy, so the emulator and the product are checked
+    # against each other instead of sharing one list.
+    assert frontdoor.INVOKE_ROLES == INVOKE_ROLES
+
+
+def test_tagged_revision_named_in_evidence() -> None:
+    case = baseline()
+    _tagged_revision("debug", _default_identity)(case)
+
+    results = run_catalogue(case)
+    identity = next(
+        r
+        for r in results
+        if r.id == "identity.dedicated-service-account" and not r.passed
+    )
+
+    assert f"revision {CONFIG.llm.name}-debug (tag debug): " in identity.evidence
+    assert "123456789012-compute@developer.gserviceaccount.com" in identity.evidence
+    assert identity.fix == f"run the revision as {CONFIG.llm.service_account}"
+
+
+def test_reachable_routes_lists_tags_and_traffic() -> None:
+    service = run_v2.Service(
+        name="projects/p/locations/r/services/llm",
+        latest_ready_revision="projects/p/locations/r/services/llm/revisions/llm-c",
+        traffic_statuses=[
+            run_v2.TrafficTargetStatus(revision="llm-a", percent=90, tag="candidate"),
+            run_v2.TrafficTargetStatus(revision="llm-b", percent=0, tag="rollback"),
+            run_v2.TrafficTargetStatus(type_=LATEST, percent=10),
+            run_v2.TrafficTargetStatus(revision="llm-d", percent=0),
+        ],
+    )
+
+    assert reachable_routes(service, "llm-a") == {
+        "llm-b": ["tag rollback"],
+        "llm-c": ["10% of traffic"],
+    }
 
 
 def test_evidence_never_contains_canary() -> None:

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tasks.config import load_config, parse_request
+from tasks.config import (
+    INGRESS_CONTAINER_PORT,
+    MCP_SERVER_SOURCE,
+    load_config,
+    mcp_tool_names,
+    parse_request,
+)
 from tasks.errors import ConfigError
 from tests.conftest import local_target_data, write_target
 
@@ -62,6 +69,15 @@ def test_default_compute_service_account_rejected(tmp_path: Path) -> None:
 def test_ingress_all_rejected(tmp_path: Path) -> None:
     message = _config_error(tmp_path, lambda d: d["llm"].update(ingress="all"))
     assert "llm.ingress" in message
+    assert "'all'" in message
+    assert "use 'internal'" in message
+
+
+def test_unknown_ingress_shows_value(tmp_path: Path) -> None:
+    message = _config_error(tmp_path, lambda d: d["mcp"].update(ingress="public"))
+    assert "mcp.ingress" in message
+    assert "got 'public'" in message
+    assert "'internal-and-cloud-load-balancing'" in message
 
 
 def test_missing_max_instances_rejected(tmp_path: Path) -> None:
@@ -166,3 +182,352 @@ def test_tls_1_3_restricted_accepted(tmp_path: Path) -> None:
     config = load_config(write_target(tmp_path / "target.yaml", data))
     assert config.load_balancer is not None
     assert config.load_balancer.min_tls_version == "TLS_1_3"
+
+
+# --- values that must fail at load, before any cloud call ---------------------------
+
+
+def _load_changed(tmp_path: Path, change: Any) -> None:
+    data = copy.deepcopy(local_target_data())
+    change(data)
+    load_config(write_target(tmp_path / "target.yaml", data))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("expected_model_gib", math.inf),
+        ("key_rollback_window_hours", math.inf),
+        ("key_destroy_grace_hours", -math.inf),
+        ("model_load_mib_per_second", math.inf),
+        ("startup_margin", math.nan),
+    ],
+)
+def test_non_finite_float_rejected(tmp_path: Path, field: str, value: float) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _load_changed(tmp_path, lambda d: d["llm"].update({field: value}))
+    message = str(caught.value)
+    assert f"llm.{field}" in message
+    assert "finite number" in message
+    assert f"got {value!r}" in message
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "bound"),
+    [
+        ("key_rollback_window_hours", 1e12, "8760"),
+        ("key_destroy_grace_hours", 1e12, "8760"),
+        ("expected_model_gib", 1e30, "1024"),
+        ("model_load_mib_per_second", 1e300, "1000000"),
+    ],
+)
+def test_huge_float_rejected(
+    tmp_path: Path, field: str, value: float, bound: str
+) -> None:
+    message = _config_error(tmp_path, lambda d: d["llm"].update({field: value}))
+    assert f"llm.{field}" in message
+    assert bound in message
+    assert repr(value) in message
+
+
+def test_inf_written_as_yaml_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "target.yaml"
+    text = Path("deployments/targets/local.yaml").read_text()
+    path.write_text(
+        text.replace(
+            "  max_tokens_cap: 64\n",
+            "  max_tokens_cap: 64\n  expected_model_gib: .inf\n",
+        )
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert "llm.expected_model_gib" in str(caught.value)
+    assert "got inf" in str(caught.value)
+
+
+def test_non_utf8_file_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "target.yaml"
+    path.write_bytes(b"target:\n  project: caf\xe9-project\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "not UTF-8" in message
+    assert "0xe9" in message
+
+
+def test_directory_target_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path)
+    message = str(caught.value)
+    assert "is a directory" in message
+    assert "not found" not in message
+    assert str(tmp_path) in message
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n"])
+def test_empty_file_lists_sections(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "target.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert "is empty" in message
+    assert "target, llm, mcp, probe_principal, outsider_principal, alerts" in message
+    assert "valid dictionary" not in message
+
+
+def test_list_file_needs_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "target.yaml"
+    path.write_text("- target\n- llm\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert "YAML list, not a mapping" in str(caught.value)
+
+
+def test_same_service_names_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _load_changed(tmp_path, lambda d: d["mcp"].update(name=d["llm"]["name"]))
+    message = str(caught.value)
+    assert "mcp.name" in message
+    assert "'llm'" in message
+    assert "different names" in message
+
+
+@pytest.mark.parametrize(
+    ("service", "field", "value"),
+    [
+        ("llm", "cpu", "lots"),
+        ("mcp", "cpu", "0"),
+        ("mcp", "cpu", "0m"),
+        ("mcp", "cpu", "-1"),
+        ("mcp", "cpu", "1.5"),
+        ("mcp", "cpu", "9"),
+        ("mcp", "cpu", "0.01"),
+        ("mcp", "cpu", "1 "),
+        ("mcp", "cpu", "1\n"),
+        ("mcp", "memory", "1Gi\n"),
+        ("mcp", "memory", "big"),
+        ("mcp", "memory", "-5Gi"),
+        ("mcp", "memory", "0Mi"),
+        ("mcp", "memory", "2GB"),
+        ("mcp", "memory", "512"),
+        ("mcp", "memory", "64Gi"),
+        ("llm", "guard_cpu", "fast"),
+        ("llm", "guard_memory", "1Tb"),
+    ],
+)
+def test_malformed_resources_rejected(
+    tmp_path: Path, service: str, field: str, value: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _load_changed(tmp_path, lambda d: d[service].update({field: value}))
+    message = str(caught.value)
+    assert f"{service}.{field}" in message
+    assert repr(value) in message
+
+
+@pytest.mark.parametrize(
+    ("cpu", "memory"),
+    [("1000m", "1024Mi"), ("1", "1G"), ("2", "8Gi"), ("4", "2Gi"), ("8", "32Gi")],
+)
+def test_cloud_run_resource_pairs_accepted(
+    tmp_path: Path, cpu: str, memory: str
+) -> None:
+    data = copy.deepcopy(local_target_data())
+    data["mcp"].update(cpu=cpu, memory=memory)
+    config = load_config(write_target(tmp_path / "target.yaml", data))
+    assert config.mcp.cpu == cpu
+    assert config.mcp.memory == memory
+
+
+def test_yaml_number_cpu_becomes_text(tmp_path: Path) -> None:
+    data = copy.deepcopy(local_target_data())
+    data["mcp"].update(cpu=2, memory="2Gi")
+    config = load_config(write_target(tmp_path / "target.yaml", data))
+    assert config.mcp.cpu == "2"
+
+
+@pytest.mark.parametrize(
+    ("service", "values", "reason"),
+    [
+        ("mcp", {"cpu": "3"}, "3 vCPU per instance, which Cloud Run does not offer"),
+        ("mcp", {"cpu": "500m"}, "first generation execution environment"),
+        ("mcp", {"memory": "8Gi"}, "allows 0.5 to 4 GiB with 1 vCPU"),
+        ("mcp", {"cpu": "4", "memory": "1Gi"}, "allows 2 to 16 GiB with 4 vCPU"),
+        ("mcp", {"cpu": "8", "memory": "2Gi"}, "allows 4 to 32 GiB with 8 vCPU"),
+        ("llm", {"cpu": "2"}, "3 vCPU per instance"),
+        ("llm", {"memory": "8Gi"}, "allows 0.5 to 8 GiB with 2 vCPU"),
+    ],
+)
+def test_instance_resources_checked(
+    tmp_path: Path, service: str, values: dict[str, str], reason: str
+) -> None:
+    message = _config_error(tmp_path, lambda d: d[service].update(values))
+    assert f"  {service}: " in message
+    assert reason in message
+    for value in values.values():
+        assert repr(value) in message
+
+
+def test_unknown_tool_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _load_changed(tmp_path, lambda d: d["mcp"].update(tool_allowlist=["shell"]))
+    message = str(caught.value)
+    assert "mcp.tool_allowlist" in message
+    assert "'shell'" in message
+    assert "model_card, lookup_doc, cite_source" in message
+
+
+def test_duplicate_tool_rejected(tmp_path: Path) -> None:
+    message = _config_error(
+        tmp_path,
+        lambda d: d["mcp"].update(tool_allowlist=["model_card", "model_card"]),
+    )
+    assert "mcp.tool_allowlist" in message
+    assert "'model_card' more than once" in message
+
+
+def test_every_server_tool_accepted(tmp_path: Path) -> None:
+    data = copy.deepcopy(local_target_data())
+    data["mcp"]["tool_allowlist"] = list(mcp_tool_names())
+    config = load_config(write_target(tmp_path / "target.yaml", data))
+    assert "cite_source" in config.mcp.tool_allowlist
+
+
+def test_tool_names_match_server() -> None:
+    from containers.mcp.server import TOOL_FACTORIES
+
+    assert MCP_SERVER_SOURCE.is_file()
+    assert mcp_tool_names() == tuple(TOOL_FACTORIES)
+
+
+@pytest.mark.parametrize("email", ["not an email", "", "oncall@", "@example.com"])
+def test_bad_notification_email_rejected(tmp_path: Path, email: str) -> None:
+    message = _config_error(
+        tmp_path, lambda d: d["alerts"].update(notification_email=email)
+    )
+    assert "alerts.notification_email" in message
+    assert repr(email) in message
+    assert "not an email address" in message
+
+
+@pytest.mark.parametrize("principal", ["", "user:someone@example.com", "x y"])
+def test_outsider_must_be_service_account(tmp_path: Path, principal: str) -> None:
+    message = _config_error(tmp_path, lambda d: d.update(outsider_principal=principal))
+    assert "outsider_principal" in message
+    assert repr(principal) in message
+    assert "not a service account email" in message
+
+
+def test_outsider_equal_to_probe_rejected(tmp_path: Path) -> None:
+    message = _config_error(
+        tmp_path, lambda d: d.update(outsider_principal=d["probe_principal"])
+    )
+    assert "outsider_principal 'refresh-probe@" in message
+    assert "is also the probe_principal" in message
+
+
+def test_outsider_invoker_rejected(tmp_path: Path) -> None:
+    message = _config_error(
+        tmp_path,
+        lambda d: d.update(
+            outsider_principal="mcp-runtime@local-project.iam.gserviceaccount.com"
+        ),
+    )
+    assert "outsider_principal 'mcp-runtime@" in message
+    assert "is an invoker" in message
+
+
+@pytest.mark.parametrize(
+    ("command", "index"), [([""], 0), (["python3", " "], 1), (["", "x"], 0)]
+)
+def test_empty_engine_argument_rejected(
+    tmp_path: Path, command: list[str], index: int
+) -> None:
+    message = _config_error(tmp_path, lambda d: d["llm"].update(engine_command=command))
+    assert "llm.engine_command" in message
+    assert f"entry {index} is {command[index]!r}" in message
+
+
+def test_empty_engine_command_rejected(tmp_path: Path) -> None:
+    message = _config_error(tmp_path, lambda d: d["llm"].update(engine_command=[]))
+    assert "llm.engine_command" in message
+
+
+def test_engine_port_on_ingress_rejected(tmp_path: Path) -> None:
+    message = _config_error(
+        tmp_path, lambda d: d["llm"].update(engine_port=INGRESS_CONTAINER_PORT)
+    )
+    assert "llm.engine_port" in message
+    assert "8080 is the port of the guard container" in message
+
+
+@pytest.mark.parametrize("port", [0, -1, 65536, 70000])
+def test_engine_port_out_of_range_rejected(tmp_path: Path, port: int) -> None:
+    message = _config_error(tmp_path, lambda d: d["llm"].update(engine_port=port))
+    assert "llm.engine_port" in message
+    assert f"got {port}" in message
+
+
+def test_ingress_port_matches_deploy() -> None:
+    from tasks.deploy import INGRESS_PORT
+
+    assert INGRESS_CONTAINER_PORT == INGRESS_PORT
+
+
+@pytest.mark.parametrize(
+    ("section", "allowed"),
+    [
+        ("llm", "service_account"),
+        ("mcp", "tool_allowlist"),
+        ("alerts", "rate_limit_seconds"),
+        ("target", "localcloud_state_dir"),
+    ],
+)
+def test_unknown_key_lists_allowed(tmp_path: Path, section: str, allowed: str) -> None:
+    message = _config_error(tmp_path, lambda d: d[section].update(colour="blue"))
+    assert f"{section}.colour: unknown key 'colour'" in message
+    assert f"{section} accepts" in message
+    assert allowed in message
+
+
+def test_unknown_nested_key_lists_allowed(tmp_path: Path) -> None:
+    message = _config_error(
+        tmp_path, lambda d: d["llm"].update(gpu={"type": "nvidia-l4", "cnt": 1})
+    )
+    assert "llm.gpu.cnt: unknown key 'cnt'" in message
+    assert "llm.gpu accepts type, count, zonal_redundancy" in message
+
+
+def test_unknown_top_level_key_lists_sections(tmp_path: Path) -> None:
+    message = _config_error(tmp_path, lambda d: d.update(region="us-central1"))
+    assert "unknown key 'region'" in message
+    assert "the top level accepts target, llm, mcp" in message
+
+
+def test_unknown_request_key_lists_fields() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_request({"repo": "local-models/tiny-llama"})
+    assert "unknown key 'repo'" in str(caught.value)
+    assert "repo_id" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "region", ["us central1/../x", "US-CENTRAL1", "", "us-central", "global"]
+)
+def test_malformed_region_rejected(tmp_path: Path, region: str) -> None:
+    message = _config_error(tmp_path, lambda d: d["target"].update(region=region))
+    assert "target.region" in message
+    assert repr(region) in message
+    assert "'us-central1'" in message
+
+
+@pytest.mark.parametrize(
+    "region", ["europe-west4", "northamerica-northeast1", "me-central2"]
+)
+def test_real_regions_accepted(tmp_path: Path, region: str) -> None:
+    data = copy.deepcopy(local_target_data())
+    data["target"]["region"] = region
+    config = load_config(write_target(tmp_path / "target.yaml", data))
+    assert config.target.region == region

@@ -353,6 +353,31 @@ def test_invokers_set_exactly(
     assert sorted(invokers[0].members) == sorted(settings.invokers)
 
 
+def test_invoke_roles_outside_config_removed(
+    clients: Clients, config: RefreshConfig, images: dict[str, str]
+) -> None:
+    settings = new_settings(config)
+    deploy_candidate.fn(clients, settings, app_template(settings, images["a"], SHA_A))
+    name = service(clients, settings).name
+    invoker = settings.invokers[0]
+    outsider = "user:attacker@example.com"
+    reader = "group:readers@example.com"
+    policy = clients.services.get_iam_policy(request={"resource": name})
+    policy.bindings.add(role="roles/run.admin", members=[outsider, invoker])
+    policy.bindings.add(role="roles/owner", members=[outsider])
+    policy.bindings.add(role="roles/run.viewer", members=[reader, outsider])
+    clients.services.set_iam_policy(request={"resource": name, "policy": policy})
+
+    set_invokers.fn(clients, settings)
+
+    policy = clients.services.get_iam_policy(request={"resource": name})
+    members = {b.role: sorted(b.members) for b in policy.bindings}
+    assert members["roles/run.admin"] == [invoker]
+    assert "roles/owner" not in members
+    assert members["roles/run.viewer"] == sorted([reader, outsider])
+    assert members["roles/run.invoker"] == sorted(settings.invokers)
+
+
 # --- revision names ---------------------------------------------------------------
 
 

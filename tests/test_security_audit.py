@@ -2,7 +2,8 @@
 
 One localcloud serves the module: the refresh deploys both services (its gate runs
 the live probes), then the audit runs against what serves, and a setting flipped
-through the Cloud Run API makes the next audit fail exactly that check.
+through the Cloud Run API makes the next audit fail exactly that check. Tests run in
+file order, and each one that changes a setting restores it, except the last.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from google.cloud import compute_v1, run_v2
+from google.iam.v1 import policy_pb2
 from google.protobuf import field_mask_pb2
 
 from containers.mcp.server import _url_problem
@@ -23,12 +25,16 @@ from flows.model_refresh import model_refresh
 from flows.security_audit import AuditRequest, security_audit
 from tasks import checks
 from tasks.checks import CANARY_ENV, CATALOGUE, container_env
-from tasks.clients import clients_for
+from tasks.clients import Clients, clients_for
 from tasks.config import RefreshRequest, load_config
+from tasks.deploy import CANDIDATE_TAG, ROLLBACK_TAG
 from tasks.errors import AuditFailed
 from tasks.tls import ensure_edge_tls
 
 OPERATION_TIMEOUT_SECONDS = 120
+REVISION_TARGET = (
+    run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION
+)
 
 
 def customize_target(data: dict[str, Any]) -> None:
@@ -260,6 +266,142 @@ def test_weak_ssl_policy_fails_audit(
     tls = next(c for c in report["checks"] if c["id"] == "edge.tls-policy")
     assert "profile COMPATIBLE" in tls["evidence"]
     assert "min TLS TLS_1_0" in tls["evidence"]
+
+
+def test_outsider_with_run_admin_fails_audit(
+    refresh_report: dict[str, Any], target: Path
+) -> None:
+    config = load_config(target)
+    clients = clients_for(config.target)
+    name = f"{clients.location}/services/{config.llm.name}"
+    before = clients.services.get_iam_policy(request={"resource": name})
+    outsider = f"serviceAccount:{config.outsider_principal}"
+    policy = policy_pb2.Policy()
+    policy.CopyFrom(before)
+    policy.bindings.add(role="roles/run.admin", members=[outsider])
+    # run.viewer cannot invoke, so this binding must not fail anything.
+    policy.bindings.add(role="roles/run.viewer", members=["user:auditor@example.com"])
+    clients.services.set_iam_policy(request={"resource": name, "policy": policy})
+    try:
+        report = _audit(target)
+    finally:
+        current = clients.services.get_iam_policy(request={"resource": name})
+        restored = policy_pb2.Policy(bindings=before.bindings, etag=current.etag)
+        clients.services.set_iam_policy(request={"resource": name, "policy": restored})
+
+    assert report["status"] == "failed"
+    # The front door lets run.admin invoke, as Cloud Run does, so the probe with the
+    # outsider's token gets through too.
+    assert sorted(_failed(report)) == [
+        f"{config.llm.name}:iam.invokers-exact",
+        f"{config.llm.name}:probe.non-invoker-forbidden",
+    ]
+    invokers = next(
+        c
+        for c in report["checks"]
+        if c["id"] == "iam.invokers-exact" and c["service"] == config.llm.name
+    )
+    assert f"{outsider} (roles/run.admin)" in invokers["evidence"]
+    assert "auditor@example.com" not in invokers["evidence"]
+
+
+TEMPLATE_AND_TRAFFIC = field_mask_pb2.FieldMask(paths=["template", "traffic"])
+
+
+def _add_tagged_revision(
+    clients: Clients, name: str, template: run_v2.RevisionTemplate, tag: str
+) -> run_v2.Service:
+    """Deploy `template` at 0% under `tag` and return the service as it was before."""
+    before = clients.services.get_service(name=name)
+    traffic = [
+        *before.traffic,
+        run_v2.TrafficTarget(
+            type_=REVISION_TARGET, revision=template.revision, percent=0, tag=tag
+        ),
+    ]
+    clients.services.update_service(
+        service=run_v2.Service(name=name, template=template, traffic=traffic),
+        update_mask=TEMPLATE_AND_TRAFFIC,
+    ).result(timeout=OPERATION_TIMEOUT_SECONDS)
+    return before
+
+
+def _restore(clients: Clients, before: run_v2.Service) -> None:
+    """Put the template and traffic back, so later audits see only their own change."""
+    clients.services.update_service(
+        service=run_v2.Service(
+            name=before.name, template=before.template, traffic=before.traffic
+        ),
+        update_mask=TEMPLATE_AND_TRAFFIC,
+    ).result(timeout=OPERATION_TIMEOUT_SECONDS)
+
+
+def test_tagged_debug_revision_fails_audit(
+    refresh_report: dict[str, Any], target: Path
+) -> None:
+    config = load_config(target)
+    clients = clients_for(config.target)
+    name = f"{clients.location}/services/{config.mcp.name}"
+    debug = f"{config.mcp.name}-debug"
+    template = run_v2.RevisionTemplate(clients.services.get_service(name=name).template)
+    template.revision = debug
+    # An empty service account makes Cloud Run use the default compute one.
+    template.service_account = ""
+    template.containers[0].env.append(
+        run_v2.EnvVar(name="DEBUG_TOKEN", value="not-a-real-token")
+    )
+    before = _add_tagged_revision(clients, name, template, "debug")
+    try:
+        tagged = clients.services.get_service(name=name)
+        report = _audit(target)
+    finally:
+        _restore(clients, before)
+
+    assert "debug" in {status.tag for status in tagged.traffic_statuses}
+    assert report["status"] == "failed"
+    assert sorted(_failed(report)) == [
+        f"{config.mcp.name}:identity.dedicated-service-account",
+        f"{config.mcp.name}:secrets.no-plaintext-env",
+    ]
+    failed = [c for c in report["checks"] if not c["passed"]]
+    for check in failed:
+        assert f"revision {debug} (tag debug): " in check["evidence"]
+    identity = next(c for c in failed if c["id"].startswith("identity."))
+    assert "-compute@developer.gserviceaccount.com" in identity["evidence"]
+    plaintext = next(c for c in failed if c["id"].startswith("secrets."))
+    assert "DEBUG_TOKEN" in plaintext["evidence"]
+    assert "not-a-real-token" not in plaintext["evidence"]
+    # The serving revision keeps its candidate tag and passes the same checks.
+    serving = next(s.revision for s in before.traffic_statuses if s.percent == 100)
+    assert f"revision {serving} (audited): service account: " in identity["evidence"]
+    assert CANDIDATE_TAG in {s.tag for s in tagged.traffic_statuses if s.percent}
+
+
+def test_hardened_rollback_tag_passes_audit(
+    refresh_report: dict[str, Any], target: Path
+) -> None:
+    # A copy of the serving spec under another name is what a second refresh would
+    # keep under the rollback tag.
+    config = load_config(target)
+    clients = clients_for(config.target)
+    name = f"{clients.location}/services/{config.mcp.name}"
+    previous = f"{config.mcp.name}-previous"
+    template = run_v2.RevisionTemplate(clients.services.get_service(name=name).template)
+    template.revision = previous
+    before = _add_tagged_revision(clients, name, template, ROLLBACK_TAG)
+    try:
+        report = _audit(target)
+    finally:
+        _restore(clients, before)
+
+    assert report["status"] == "passed", _failed(report)
+    identity = next(
+        c
+        for c in report["checks"]
+        if c["id"] == "identity.dedicated-service-account"
+        and c["service"] == config.mcp.name
+    )
+    assert f"revision {previous} (tag {ROLLBACK_TAG}): " in identity["evidence"]
 
 
 def test_ingress_all_fails_audit(refresh_report: dict[str, Any], target: Path) -> None:

@@ -1,9 +1,9 @@
 """The front door of each Cloud Run service: one loopback port per URL and per tag URL.
 
 Like Cloud Run's edge, the front door checks ingress, the caller's ID token and its
-`roles/run.invoker` binding on the service. It then picks a revision by traffic split
-or tag, starts the revision's instance when none runs, and proxies the request. Every
-request, allowed or rejected, gets one request log entry.
+binding to a role that can invoke the service (INVOKE_ROLES). It then picks a revision
+by traffic split or tag, starts the revision's instance when none runs, and proxies
+the request. Every request, allowed or rejected, gets one request log entry.
 
 All servers run as uvicorn servers on one asyncio loop in a background thread.
 """
@@ -57,7 +57,27 @@ MAX_REQUEST_BODY_BYTES = 32 * 1024 * 1024
 # Cloud Run's default request timeout when the revision sets none.
 DEFAULT_REQUEST_TIMEOUT_SECONDS = 300.0
 
-INVOKE_ROLES = frozenset({"roles/run.invoker", "roles/run.admin", "roles/owner"})
+# The predefined roles that contain run.routes.invoke, so each lets its members invoke
+# a service, as on Cloud Run. Owner, Editor, Cloud Run Admin and Cloud Run Invoker are
+# from Google's Cloud Run access docs. The others are from a public dump of the IAM
+# role definitions (github.com/iann0036/iam-dataset). Custom roles are not emulated.
+INVOKE_ROLES = frozenset(
+    {
+        "roles/owner",
+        "roles/editor",
+        "roles/run.admin",
+        "roles/run.developer",
+        "roles/run.invoker",
+        "roles/run.servicesInvoker",
+        "roles/run.serviceAgent",
+        "roles/serverless.serviceAgent",
+        "roles/cloudfunctions.admin",
+        "roles/cloudfunctions.developer",
+        "roles/cloudfunctions.serviceAgent",
+        "roles/firebase.admin",
+        "roles/firebase.developAdmin",
+    }
+)
 SERVICE_ACCOUNT_DOMAIN = ".gserviceaccount.com"
 # Cloud Run keeps the token's header and claims for the container but replaces its
 # signature, so the forwarded token cannot be replayed.
