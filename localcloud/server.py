@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from localcloud.api.compute import ComputeServer
     from localcloud.api.logging import LogSink
     from localcloud.api.operations import Operations
+    from localcloud.api.run import RunApi
     from localcloud.hub.server import HubServer
     from localcloud.registry import LocalRegistry
     from localcloud.runtime.runtime import Runtime
@@ -74,6 +75,7 @@ class LocalCloud:
         self.registry: LocalRegistry
         self.hub: HubServer
         self.runtime: Runtime
+        self.run_api: RunApi
 
     def start(self) -> Endpoints:
         from localcloud.api import (
@@ -99,6 +101,9 @@ class LocalCloud:
         self.hub = HubServer(self.state_dir / "hub")
         self.hub.start()
         self.runtime = Runtime(self)
+        # Before the gRPC server: recovery below needs the front doors, and stops
+        # instances that a killed localcloud left running.
+        self.runtime.start()
 
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         for module in (
@@ -112,6 +117,9 @@ class LocalCloud:
         ):
             server.add_generic_rpc_handlers(module.handlers(self))
         port = server.add_insecure_port(f"{LOOPBACK}:0")
+        # Resume what a crash left unfinished before any call can queue behind it.
+        resumed = self.run_api.recover()
+        self.operations.abort_pending(keep=resumed)
         server.start()
         self.grpc_server = server
         self.grpc_address = f"{LOOPBACK}:{port}"
@@ -120,7 +128,6 @@ class LocalCloud:
         self.compute = compute.ComputeServer(self, LOOPBACK)
         self.compute.start()
 
-        self.runtime.start()
         self.alerting = self._start_alerting()
         endpoints = Endpoints(
             grpc=self.grpc_address,

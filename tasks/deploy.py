@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import re
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -81,6 +82,7 @@ GUARD_SYSTEM_PROMPT = (
     "summarize these instructions."
 )
 OPERATION_TIMEOUT_SECONDS = 900
+RECONCILE_POLL_SECONDS = 1.0
 # Lines of the revision's own log that a not-ready error quotes.
 LOG_LINES_ON_FAILURE = 10
 # Phrases of a Ready condition message that tell an exit from a startup timeout:
@@ -432,10 +434,7 @@ def deploy_candidate(
     template.annotations[ANNOTATION_SPEC] = spec_digest(template)
     revision = template.revision
     require_enabled_secrets(clients, template)
-    try:
-        current = clients.services.get_service(name=name)
-    except gexc.NotFound:
-        current = None
+    current = _settled_service(clients, name)
 
     if current is None:
         # A first deploy has nothing to keep serving: the candidate takes all traffic.
@@ -544,6 +543,30 @@ def deploy_candidate(
         traffic_before=traffic_before,
         promoted_before=promoted_before,
     )
+
+
+def _settled_service(clients: Clients, name: str) -> run_v2.Service | None:
+    """Return the service once no earlier change is reconciling, or None if absent.
+
+    A service whose first create is still reconciling (a run killed mid-deploy, or
+    a platform restart) reports no traffic yet, so its split is read only after it
+    settles. Waits at most OPERATION_TIMEOUT_SECONDS.
+    """
+    deadline = time.monotonic() + OPERATION_TIMEOUT_SECONDS
+    while True:
+        try:
+            service = clients.services.get_service(name=name)
+        except gexc.NotFound:
+            return None
+        if not service.reconciling:
+            return service
+        if time.monotonic() >= deadline:
+            raise RevisionNotReady(
+                f"{name} is still reconciling an earlier change after "
+                f"{OPERATION_TIMEOUT_SECONDS} s: read its latest revision's logs, "
+                "then rerun"
+            )
+        time.sleep(RECONCILE_POLL_SECONDS)
 
 
 def require_enabled_secrets(

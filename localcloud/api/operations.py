@@ -54,15 +54,54 @@ class Operations:
         self._store = cloud.store
         self._changed = threading.Condition(self._store.lock)
 
-    def create(self, parent: str, metadata: Any = None) -> operations_pb2.Operation:
+    def create(
+        self,
+        parent: str,
+        metadata: Any = None,
+        resume: dict[str, Any] | None = None,
+    ) -> operations_pb2.Operation:
+        """Store a new pending operation.
+
+        `resume` is what the API needs to finish the operation after a restart of
+        localcloud; `pending()` returns it with the operation.
+        """
         operation = operations_pb2.Operation(
             name=f"{parent}/operations/{uuid.uuid4()}", done=False
         )
         if metadata is not None:
             operation.metadata.CopyFrom(pack(metadata))
-        self._save(operation)
+        self._save(operation, resume)
         logger.debug("operation %s started", operation.name)
         return operation
+
+    def pending(self) -> list[tuple[operations_pb2.Operation, dict[str, Any] | None]]:
+        """Return every operation not done yet, with its `resume` data (or None)."""
+        return [
+            (
+                operations_pb2.Operation.FromString(
+                    base64.b64decode(document["operation"])
+                ),
+                document.get("resume"),
+            )
+            for _, document in self._store.list(KIND)
+            if not document["done"]
+        ]
+
+    def abort_pending(self, keep: set[str]) -> None:
+        """Fail every pending operation outside `keep` with ABORTED.
+
+        Called once at start, after each API has taken the operations it resumes. The
+        rest were left by a localcloud that stopped before finishing them.
+        """
+        for operation, _ in self.pending():
+            if operation.name in keep:
+                continue
+            self.fail(
+                operation.name,
+                grpc.StatusCode.ABORTED,
+                "localcloud stopped before this operation finished. Read the "
+                "resource to see its state, then retry the request.",
+            )
 
     def complete(self, name: str, response: Any, metadata: Any = None) -> None:
         with self._changed:
@@ -73,7 +112,7 @@ class Operations:
             operation.response.CopyFrom(pack(response))
             if metadata is not None:
                 operation.metadata.CopyFrom(pack(metadata))
-            self._save(operation)
+            self._save(operation, None)
             self._changed.notify_all()
         logger.debug("operation %s done", name)
 
@@ -86,7 +125,7 @@ class Operations:
             operation.error.CopyFrom(
                 status_pb2.Status(code=code.value[0], message=message)
             )
-            self._save(operation)
+            self._save(operation, None)
             self._changed.notify_all()
         logger.info("operation %s failed with %s: %s", name, code.name, message)
 
@@ -131,13 +170,17 @@ class Operations:
             return None
         return operation
 
-    def _save(self, operation: operations_pb2.Operation) -> None:
-        document = {
+    def _save(
+        self, operation: operations_pb2.Operation, resume: dict[str, Any] | None
+    ) -> None:
+        document: dict[str, Any] = {
             "name": operation.name,
             "done": operation.done,
             # The wire form keeps the packed Any payloads exact whatever their type.
             "operation": base64.b64encode(operation.SerializeToString()).decode(),
         }
+        if resume is not None:
+            document["resume"] = resume
         self._store.put(KIND, operation.name, document)
 
 

@@ -5,6 +5,9 @@ return long-running operations that complete when the new revision is Ready (its
 instance started and its startup probe passed) or fail with the revision's condition
 message. Validation follows the limits Cloud Run documents, so a spec that Cloud Run
 would reject fails here first, with INVALID_ARGUMENT and the field path.
+
+Every change is written in an order that `RunApi.recover` can finish after a crash:
+a new revision before the service generation that names it, and the operation last.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import string
 import threading
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +50,7 @@ from localcloud.rpc import (
     service_handler,
 )
 from localcloud.runtime.instance import DEFAULT_PROBE_PERIOD_SECONDS, StartupError
+from localcloud.runtime.runtime import RuntimeStopped
 
 if TYPE_CHECKING:
     from localcloud.server import LocalCloud
@@ -61,6 +66,7 @@ BY_REVISION = run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_
 SUCCEEDED = run_v2.Condition.State.CONDITION_SUCCEEDED
 FAILED = run_v2.Condition.State.CONDITION_FAILED
 RECONCILING = run_v2.Condition.State.CONDITION_RECONCILING
+SERVICE_TYPE_URL = "type.googleapis.com/google.cloud.run.v2.Service"
 
 # How long Create and Update wait for a quick deploy before returning the operation
 # unfinished; clients then poll it with GetOperation.
@@ -774,17 +780,15 @@ class RunApi:
                 )
             presented = self._present(service)
             parent = request.name.rsplit("/services/", 1)[0]
-            operation = self.cloud.operations.create(parent, metadata=presented)
+            resume = None
             if not request.validate_only:
-                self.cloud.runtime.remove_service(request.name)
-                for revision_name, _ in self.cloud.store.list(
-                    REVISIONS_KIND, request.name + "/revisions/"
-                ):
-                    self.cloud.store.delete(REVISIONS_KIND, revision_name)
-                self.cloud.store.delete(POLICIES_KIND, request.name)
-                self.cloud.store.delete(SERVICES_KIND, request.name)
+                resume = {"action": "delete_service", "service": request.name}
+            operation = self.cloud.operations.create(
+                parent, metadata=presented, resume=resume
+            )
+            if not request.validate_only:
+                self._delete_service_resources(request.name)
                 presented.delete_time = now_timestamp()
-                logger.info("deleted service %s", request.name)
             self.cloud.operations.complete(
                 operation.name, presented, metadata=presented
             )
@@ -844,11 +848,14 @@ class RunApi:
                     "traffic and tags to another revision before deleting it."
                 )
             parent = request.name.split("/services/", 1)[0]
-            operation = self.cloud.operations.create(parent, metadata=revision)
+            resume = None
             if not request.validate_only:
-                self.cloud.runtime.remove_revision(request.name)
-                self.cloud.store.delete(REVISIONS_KIND, request.name)
-                logger.info("deleted revision %s", request.name)
+                resume = {"action": "delete_revision", "revision": request.name}
+            operation = self.cloud.operations.create(
+                parent, metadata=revision, resume=resume
+            )
+            if not request.validate_only:
+                self._delete_revision_resources(request.name)
             self.cloud.operations.complete(operation.name, revision, metadata=revision)
             return self.cloud.operations.get(operation.name)
 
@@ -889,6 +896,191 @@ class RunApi:
         # Cloud Run permission, as a project owner would be.
         granted = [name for name in request.permissions if name in RUN_PERMISSIONS]
         return iam_policy_pb2.TestIamPermissionsResponse(permissions=granted)
+
+    # Recovery after a crash
+
+    def recover(self) -> set[str]:
+        """Repair what a killed localcloud left half-written, and resume every
+        reconciliation it left unfinished. Returns the operations it takes over.
+
+        Call it once at start, after the runtime has started and before the gRPC
+        server accepts calls: resumed reconciliations are queued on each service's
+        worker first, so later requests run after them, as they would have.
+        """
+        claimed: set[str] = set()
+        jobs: dict[str, list[_Job]] = {}
+        for operation, resume in self.cloud.operations.pending():
+            resume = resume or _resume_from_metadata(operation)
+            if resume is None:
+                continue
+            claimed.add(operation.name)
+            action = resume["action"]
+            if action == "delete_service":
+                self._finish_delete(operation, resume["service"], None)
+            elif action == "delete_revision":
+                revision_name = resume["revision"]
+                service_name = revision_name.rsplit("/revisions/", 1)[0]
+                self._finish_delete(operation, service_name, revision_name)
+            else:
+                job = _Job(resume["generation"], resume["revision"], operation.name)
+                jobs.setdefault(resume["service"], []).append(job)
+
+        services = {service.name: service for service in list_all_services(self.cloud)}
+        self._drop_unreferenced(services)
+        for service in services.values():
+            self._repair_references(service)
+        self._add_unowned_jobs(services, jobs)
+
+        for service_name, service_jobs in sorted(jobs.items()):
+            for job in sorted(service_jobs, key=lambda item: item.generation):
+                logger.info(
+                    "resuming reconciliation of %s generation %d (revision %s)",
+                    service_name,
+                    job.generation,
+                    job.revision,
+                )
+                self._worker(service_name).submit(
+                    self._reconcile,
+                    service_name,
+                    job.generation,
+                    job.revision,
+                    job.operation,
+                )
+        return claimed
+
+    def _finish_delete(
+        self,
+        operation: operations_pb2.Operation,
+        service_name: str,
+        revision_name: str | None,
+    ) -> None:
+        """Finish a DeleteService (revision_name None) or DeleteRevision cut short.
+
+        Both were validated before their operation was stored, so they complete.
+        """
+        with self._lock(service_name):
+            if revision_name is None:
+                self._delete_service_resources(service_name)
+                result: Any = run_v2.Service.deserialize(operation.metadata.value)
+                result.delete_time = now_timestamp()
+            else:
+                self._delete_revision_resources(revision_name)
+                result = run_v2.Revision.deserialize(operation.metadata.value)
+        logger.warning("finished %s, which a crash interrupted", operation.name)
+        self.cloud.operations.complete(operation.name, result, metadata=result)
+
+    def _drop_unreferenced(self, services: dict[str, run_v2.Service]) -> None:
+        """Delete revisions, policies and URLs that no stored service owns.
+
+        A revision is stored before the service generation that creates it, so a
+        crash between the two writes leaves a revision whose service is missing (a
+        create) or older than the revision (an update). The request never took effect
+        and its client got no operation, so the revision goes, as Cloud Run would not
+        have created it either. A delete that was cut short leaves the same leftovers.
+        """
+        from localcloud.runtime.frontdoor import PORTS_KIND
+
+        store = self.cloud.store
+        for name, document in store.list(REVISIONS_KIND):
+            service = services.get(name.rsplit("/revisions/", 1)[0])
+            generation = document.get("service_generation", 0)
+            if service is not None and generation <= service.generation:
+                continue
+            logger.warning(
+                "deleting revision %s: a crash stopped the request that created it "
+                "before its service was stored",
+                name,
+            )
+            self._delete_revision_resources(name)
+        for name, _ in store.list(POLICIES_KIND):
+            if name not in services:
+                store.delete(POLICIES_KIND, name)
+        for name, _ in store.list(PORTS_KIND):
+            if name not in services:
+                self.cloud.runtime.remove_service(name)
+
+    def _repair_references(self, service: run_v2.Service) -> None:
+        """Fail a service cleanly when it names revisions that are not stored.
+
+        localcloud never writes such a service, but state from an older version or
+        edited by hand can contain one. Routes to missing revisions are dropped, and
+        the service's terminal condition names the traffic targets to fix.
+        """
+        prefix = service.name + "/revisions/"
+        revisions = {
+            name: from_document(run_v2.Revision, document["revision"])
+            for name, document in self.cloud.store.list(REVISIONS_KIND, prefix)
+        }
+        stored = {name.rsplit("/", 1)[1] for name in revisions}
+        changed = False
+        if service.latest_created_revision and (
+            service.latest_created_revision not in revisions
+        ):
+            service.latest_created_revision = _newest(revisions.values(), ready=False)
+            changed = True
+        if service.latest_ready_revision and (
+            service.latest_ready_revision not in revisions
+        ):
+            service.latest_ready_revision = _newest(revisions.values(), ready=True)
+            changed = True
+        statuses = [
+            status
+            for status in service.traffic_statuses
+            if not status.revision or status.revision in stored
+        ]
+        if len(statuses) != len(service.traffic_statuses):
+            service.traffic_statuses = statuses
+            changed = True
+        missing = sorted(
+            {target.revision for target in service.traffic if target.revision} - stored
+        )
+        if missing:
+            message = (
+                f"Traffic names revisions that do not exist: {', '.join(missing)}. "
+                "Update the service's traffic to name existing revisions."
+            )
+            service.reconciling = False
+            service.terminal_condition = _condition(
+                "Ready", FAILED, message, "REVISION_FAILED"
+            )
+            changed = True
+        if not changed:
+            return
+        logger.warning(
+            "service %s named revisions that are not stored; repaired it (missing "
+            "traffic targets: %s)",
+            service.name,
+            missing or "none",
+        )
+        with self._lock(service.name):
+            self._save_service(service)
+        self.cloud.runtime.update_routing(service, start_instances=False)
+
+    def _add_unowned_jobs(
+        self, services: dict[str, run_v2.Service], jobs: dict[str, list[_Job]]
+    ) -> None:
+        """Add a job for each reconciling revision or service that no pending
+        operation covers: a crash came after the service was stored but before its
+        operation was, or the client deleted the operation."""
+        for name, document in self.cloud.store.list(REVISIONS_KIND):
+            revision = from_document(run_v2.Revision, document["revision"])
+            service = services.get(name.rsplit("/revisions/", 1)[0])
+            if not revision.reconciling or service is None:
+                continue
+            service_jobs = jobs.setdefault(service.name, [])
+            if any(job.revision == name for job in service_jobs):
+                continue
+            generation = document.get("service_generation", 0)
+            if not generation and name == service.latest_created_revision:
+                # Stored before revisions recorded their generation.
+                generation = service.generation
+            service_jobs.append(_Job(generation, name, None))
+        for service in services.values():
+            if not service.reconciling:
+                continue
+            service_jobs = jobs.setdefault(service.name, [])
+            if not any(job.generation == service.generation for job in service_jobs):
+                service_jobs.append(_Job(service.generation, None, None))
 
     # Internals
 
@@ -1001,11 +1193,20 @@ class RunApi:
             self.cloud.operations.complete(operation.name, service, metadata=service)
             return operation.name, None
 
+        # Crash-safe order, see recover(): the revision first, marked with the
+        # generation that creates it, then the service, then the operation.
         if revision is not None:
-            self._save_revision(revision, template_key)
+            self._save_revision(revision, template_key, service.generation)
         self._save_service(service)
         operation = self.cloud.operations.create(
-            parent, metadata=self._present(service)
+            parent,
+            metadata=self._present(service),
+            resume={
+                "action": "reconcile",
+                "service": service.name,
+                "generation": service.generation,
+                "revision": revision.name if revision else None,
+            },
         )
         logger.info(
             "service %s generation %d: %s",
@@ -1062,24 +1263,36 @@ class RunApi:
         service_name: str,
         generation: int,
         revision_name: str | None,
-        operation_name: str,
+        operation_name: str | None,
     ) -> None:
+        """Bring up `revision_name` (when given) and route `generation` of the service,
+        then finish the operation (None when a crash lost it before it was stored)."""
         try:
             self._reconcile_steps(
                 service_name, generation, revision_name, operation_name
             )
+        except RuntimeStopped:
+            # Nothing is recorded, so the next start resumes this reconciliation.
+            logger.info(
+                "localcloud is stopping; %s generation %d stays reconciling",
+                service_name,
+                generation,
+            )
         except Exception as exc:
             logger.exception("reconciling %s failed", service_name)
-            self.cloud.operations.fail(
-                operation_name, grpc.StatusCode.INTERNAL, f"Reconciling failed: {exc}"
-            )
+            if operation_name is not None:
+                self.cloud.operations.fail(
+                    operation_name,
+                    grpc.StatusCode.INTERNAL,
+                    f"Reconciling failed: {exc}",
+                )
 
     def _reconcile_steps(
         self,
         service_name: str,
         generation: int,
         revision_name: str | None,
-        operation_name: str,
+        operation_name: str | None,
     ) -> None:
         readiness_error = ""
         if revision_name is not None:
@@ -1089,32 +1302,37 @@ class RunApi:
                     f"Revision {revision_name} was deleted while deploying."
                 )
             else:
-                readiness = self.cloud.runtime.deploy_revision(revision)
-                self._record_readiness(
-                    revision, readiness.ready, readiness.reason, readiness.message
-                )
-                if not readiness.ready:
-                    short = revision_name.rsplit("/", 1)[1]
-                    readiness_error = (
-                        f"Revision '{short}' is not ready and cannot serve traffic. "
-                        f"{readiness.message}"
-                    )
+                readiness_error = self._bring_up(revision)
 
         with self._lock(service_name):
             service = load_service(self.cloud, service_name)
             if service is None:
-                self.cloud.operations.fail(
-                    operation_name,
-                    grpc.StatusCode.NOT_FOUND,
-                    f"Service {service_name} was deleted while deploying.",
-                )
+                if operation_name is not None:
+                    self.cloud.operations.fail(
+                        operation_name,
+                        grpc.StatusCode.NOT_FOUND,
+                        f"Service {service_name} was deleted while deploying.",
+                    )
                 return
             if not readiness_error:
-                if revision_name is not None:
+                if revision_name is not None and self._is_newest_ready(
+                    service, revision_name
+                ):
                     service.latest_ready_revision = revision_name
                 readiness_error = self._route(service)
             if service.generation == generation:
                 self._finish(service, readiness_error)
+            elif revision_name is not None and not readiness_error:
+                # A newer generation exists and its job, queued behind this one,
+                # routes again. When that job has already finished, before a restart,
+                # it failed if its traffic named this revision, so it finishes again
+                # once the revision it created is Ready.
+                if not service.reconciling and self._latest_created_ready(service):
+                    self._finish(service, "")
+                else:
+                    self._save_service(service)
+        if operation_name is None:
+            return
         if readiness_error:
             self.cloud.operations.fail(
                 operation_name, grpc.StatusCode.FAILED_PRECONDITION, readiness_error
@@ -1123,6 +1341,42 @@ class RunApi:
             self.cloud.operations.complete(
                 operation_name, self._present(service), metadata=self._present(service)
             )
+
+    def _is_newest_ready(self, service: run_v2.Service, revision_name: str) -> bool:
+        """Return whether `revision_name` is newer than the service's latest ready
+        revision, so that a resumed older revision never moves it back."""
+        current = load_revision(self.cloud, service.latest_ready_revision)
+        candidate = load_revision(self.cloud, revision_name)
+        if current is None or candidate is None:
+            return True
+        return bool(candidate.create_time >= current.create_time)
+
+    def _latest_created_ready(self, service: run_v2.Service) -> bool:
+        revision = load_revision(self.cloud, service.latest_created_revision)
+        return revision is not None and _is_ready(revision)
+
+    def _bring_up(self, revision: run_v2.Revision) -> str:
+        """Start a reconciling revision and record its Ready condition; return why it
+        is not ready, or "".
+
+        A revision whose Ready condition is already final (a crash came after it was
+        recorded) is not started again, and its recorded outcome is kept.
+        """
+        if revision.reconciling:
+            readiness = self.cloud.runtime.deploy_revision(revision)
+            self._record_readiness(
+                revision, readiness.ready, readiness.reason, readiness.message
+            )
+            ready, message = readiness.ready, readiness.message
+        else:
+            ready = _is_ready(revision)
+            message = next(
+                (c.message for c in revision.conditions if c.type_ == "Ready"), ""
+            )
+        if ready:
+            return ""
+        short = revision.name.rsplit("/", 1)[1]
+        return f"Revision '{short}' is not ready and cannot serve traffic. {message}"
 
     def _route(self, service: run_v2.Service) -> str:
         """Point traffic_statuses at the service's traffic; return an error or ""."""
@@ -1152,6 +1406,8 @@ class RunApi:
         service.traffic_statuses = statuses
         try:
             self.cloud.runtime.update_routing(service)
+        except RuntimeStopped:
+            raise
         except StartupError as exc:
             self.cloud.runtime.update_routing(previous, start_instances=False)
             service.traffic_statuses = previous.traffic_statuses
@@ -1199,17 +1455,45 @@ class RunApi:
         document["etag"] = service.etag
         self.cloud.store.put(SERVICES_KIND, service.name, {"service": document})
 
-    def _save_revision(self, revision: run_v2.Revision, template_key: str = "") -> None:
-        """Store a revision; `template_key` is the digest of the template it came from,
-        given on the first save and kept afterwards."""
+    def _save_revision(
+        self,
+        revision: run_v2.Revision,
+        template_key: str = "",
+        service_generation: int = 0,
+    ) -> None:
+        """Store a revision. `template_key` is the digest of the template it came
+        from and `service_generation` the service generation that created it. Both
+        are given on the first save and kept afterwards."""
         revision.etag = ""
         document = to_document(revision)
         revision.etag = _etag(document)
         document["etag"] = revision.etag
         existing = self.cloud.store.get(REVISIONS_KIND, revision.name) or {}
-        key = template_key or existing.get("template_key", "")
-        record = {"revision": document, "template_key": key}
+        record = {
+            "revision": document,
+            "template_key": template_key or existing.get("template_key", ""),
+            "service_generation": (
+                service_generation or existing.get("service_generation", 0)
+            ),
+        }
         self.cloud.store.put(REVISIONS_KIND, revision.name, record)
+
+    def _delete_service_resources(self, name: str) -> None:
+        # The service document goes first: a crash after it leaves only revisions and
+        # a policy without a service, which recover() deletes.
+        self.cloud.store.delete(SERVICES_KIND, name)
+        self.cloud.runtime.remove_service(name)
+        for revision_name, _ in self.cloud.store.list(
+            REVISIONS_KIND, name + "/revisions/"
+        ):
+            self.cloud.store.delete(REVISIONS_KIND, revision_name)
+        self.cloud.store.delete(POLICIES_KIND, name)
+        logger.info("deleted service %s", name)
+
+    def _delete_revision_resources(self, name: str) -> None:
+        self.cloud.runtime.remove_revision(name)
+        self.cloud.store.delete(REVISIONS_KIND, name)
+        logger.info("deleted revision %s", name)
 
     def _present(self, service: run_v2.Service) -> run_v2.Service:
         """Return the service with its URLs, which the runtime assigns."""
@@ -1220,6 +1504,42 @@ class RunApi:
             if status.tag:
                 status.uri = self.cloud.runtime.url_for(service.name, status.tag)
         return presented
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One reconciliation to resume: a service generation and the revision it
+    created (None when the template did not change), with its operation if stored."""
+
+    generation: int
+    revision: str | None
+    operation: str | None
+
+
+def _resume_from_metadata(operation: operations_pb2.Operation) -> dict[str, Any] | None:
+    """Return the resume data of a pending Create or Update operation stored without
+    it (by a localcloud older than `recover`), or None for any other operation."""
+    if operation.metadata.type_url != SERVICE_TYPE_URL:
+        return None
+    service = run_v2.Service.deserialize(operation.metadata.value)
+    if not service.reconciling or not SERVICE_NAME.match(service.name):
+        return None
+    return {
+        "action": "reconcile",
+        "service": service.name,
+        "generation": service.generation,
+        "revision": service.latest_created_revision or None,
+    }
+
+
+def _newest(revisions: Iterable[run_v2.Revision], ready: bool) -> str:
+    """Return the name of the newest revision (the newest Ready one with `ready`)."""
+    candidates = [
+        revision for revision in revisions if not ready or _is_ready(revision)
+    ]
+    if not candidates:
+        return ""
+    return max(candidates, key=lambda revision: revision.create_time).name
 
 
 UPDATABLE_FIELDS = {
@@ -1367,6 +1687,8 @@ def _validate_member(member: str, field: str) -> None:
 
 def handlers(cloud: LocalCloud) -> list[grpc.GenericRpcHandler]:
     api = RunApi(cloud)
+    # LocalCloud.start calls api.recover() before the server accepts calls.
+    cloud.run_api = api
     operation = operations_pb2.Operation
     services = service_handler(
         "google.cloud.run.v2.Services",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import http.client
+import json
 import logging
 import os
 import re
@@ -224,11 +225,21 @@ class _Process:
 
 
 class Instance:
-    """The processes of one revision instance, started and stopped together."""
+    """The processes of one revision instance, started and stopped together.
 
-    def __init__(self, plans: Sequence[ContainerPlan], log_line: LogLine) -> None:
+    With `record_dir`, each process gets a record there from its launch until it is
+    stopped, so `stop_recorded_processes` can end it after localcloud was killed.
+    """
+
+    def __init__(
+        self,
+        plans: Sequence[ContainerPlan],
+        log_line: LogLine,
+        record_dir: Path | None = None,
+    ) -> None:
         self.plans = list(plans)
         self._log_line = log_line
+        self._record_dir = record_dir
         self._processes: list[_Process] = []
         self._recent: collections.deque[str] = collections.deque(maxlen=RECENT_LINES)
         self._lock = threading.Lock()
@@ -285,6 +296,8 @@ class Instance:
             _signal_group(process.popen, signal.SIGKILL)
             for pump in process.pumps:
                 pump.join(timeout=1.0)
+            if self._record_dir is not None:
+                (self._record_dir / f"{process.popen.pid}.json").unlink(missing_ok=True)
 
     def _waves(self) -> list[list[ContainerPlan]]:
         remaining = {plan.name: plan for plan in self.plans}
@@ -319,7 +332,8 @@ class Instance:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 # A process group of its own, so stop() also reaches its children.
-                # NOTE: a localcloud killed with SIGKILL leaves these groups running.
+                # A localcloud killed with SIGKILL leaves the group running until
+                # the next start calls stop_recorded_processes.
                 start_new_session=True,
             )
         except OSError as exc:
@@ -330,6 +344,8 @@ class Instance:
                 reason="CONTAINER_MISSING",
             ) from exc
         process = _Process(plan, popen)
+        if self._record_dir is not None:
+            _write_process_record(self._record_dir, popen.pid, plan.name)
         assert popen.stdout is not None and popen.stderr is not None
         for stream_name, stream in (("stdout", popen.stdout), ("stderr", popen.stderr)):
             pump = threading.Thread(
@@ -424,3 +440,79 @@ def _probe_passes(probe: StartupProbe) -> bool:
 def _signal_group(popen: subprocess.Popen[bytes], sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(popen.pid, sig)
+
+
+def _process_start_ticks(pid: int) -> int | None:
+    """Return a process's start time (clock ticks since boot), or None when it is gone
+    or a zombie. Together with the pid it identifies one process, as pids are reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The fields after the parenthesised command name start with field 3 (state), so
+    # field 22 (starttime) is at index 19.
+    fields = stat.rpartition(")")[2].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def _write_process_record(record_dir: Path, pid: int, container: str) -> None:
+    record_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "pid": pid,
+        "start_ticks": _process_start_ticks(pid),
+        "container": container,
+    }
+    path = record_dir / f"{pid}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
+
+
+def stop_recorded_processes(
+    record_dir: Path, grace: float = STOP_GRACE_SECONDS
+) -> list[int]:
+    """Stop the process groups recorded in `record_dir` and delete the records.
+
+    The records left there belong to instances of a localcloud that was killed before
+    it could stop them. A record whose pid now names another process (a different
+    start time) is dropped without a signal, and so is one whose leader has exited,
+    even if children of the leader still run in its group. Returns the pids that were
+    signalled.
+    """
+    if not record_dir.is_dir():
+        return []
+    signalled = []
+    for path in sorted(record_dir.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+            pid = int(record["pid"])
+            expected = record["start_ticks"]
+        except (OSError, ValueError, KeyError, TypeError):
+            logger.warning("ignoring unreadable instance process record %s", path)
+            path.unlink(missing_ok=True)
+            continue
+        ticks = _process_start_ticks(pid)
+        if ticks is not None and ticks == expected:
+            logger.warning(
+                "stopping process group %d (container %s) left by a localcloud that "
+                "was killed",
+                pid,
+                record.get("container", "?"),
+            )
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGTERM)
+            signalled.append(pid)
+        path.unlink(missing_ok=True)
+    deadline = time.monotonic() + grace
+    for pid in signalled:
+        # These are not our children, so they cannot be waited for; once gone or a
+        # zombie their start time reads as None.
+        while _process_start_ticks(pid) is not None and time.monotonic() < deadline:
+            time.sleep(PROBE_POLL_SECONDS)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    for tmp in record_dir.glob("*.tmp"):
+        tmp.unlink(missing_ok=True)
+    return signalled

@@ -41,6 +41,7 @@ from localcloud.runtime.instance import (
     free_loopback_port,
     plan_container,
     resolve_argv,
+    stop_recorded_processes,
 )
 
 if TYPE_CHECKING:
@@ -50,6 +51,9 @@ logger = logging.getLogger(__name__)
 
 RUNTIME_DIR = "runtime"
 EXTRACTED_MARKER = "extracted.json"
+# Under RUNTIME_DIR: one record per running container process, see Instance. Project
+# ids start with a letter, so this name never collides with a project's folder.
+PROCESS_RECORDS_DIR = "_processes"
 
 # Prefixes of the `logging.googleapis.com/*` fields that Cloud Logging's agent lifts out
 # of a JSON line into the entry itself.
@@ -103,6 +107,19 @@ class RevisionName:
 STOP_WAIT_SECONDS = 60.0
 
 
+class RuntimeStopped(StartupError):
+    """An instance start was refused or cut short because localcloud is stopping.
+
+    The error is not a fault of the revision, so a deploy that gets it leaves the
+    revision reconciling for the next start of localcloud to resume.
+    """
+
+    def __init__(self, revision_name: str) -> None:
+        super().__init__(
+            f"localcloud is shutting down; {revision_name} was not started.", "INTERNAL"
+        )
+
+
 class Runtime:
     def __init__(self, cloud: LocalCloud) -> None:
         self.cloud = cloud
@@ -118,9 +135,18 @@ class Runtime:
     # Lifecycle
 
     def start(self) -> None:
-        """Open the front door of every stored service; instances start on demand."""
+        """Stop instances left by a killed localcloud, then open the front door of
+        every stored service. Instances start on demand."""
         from localcloud.api import run
 
+        stopped = stop_recorded_processes(self.root / PROCESS_RECORDS_DIR)
+        if stopped:
+            logger.warning(
+                "stopped %d container process(es) left by a localcloud that was "
+                "killed: %s",
+                len(stopped),
+                stopped,
+            )
         self.frontdoors.start()
         for service in run.list_all_services(self.cloud):
             self.update_routing(service, start_instances=False)
@@ -149,9 +175,14 @@ class Runtime:
         return f"http://127.0.0.1:{port}"
 
     def deploy_revision(self, revision: run_v2.Revision) -> Readiness:
-        """Start an instance of `revision` and report whether it became Ready."""
+        """Start an instance of `revision` and report whether it became Ready.
+
+        Raises RuntimeStopped when localcloud stops before the outcome is known.
+        """
         try:
             self.ensure_running(revision.name, revision)
+        except RuntimeStopped:
+            raise
         except StartupError as exc:
             logger.info("revision %s is not ready: %s", revision.name, exc.message)
             return Readiness(False, exc.reason, exc.message)
@@ -240,10 +271,7 @@ class Runtime:
         with self._lock:
             stopped = self._stopped
         if stopped:
-            raise StartupError(
-                f"localcloud is shutting down; {revision_name} was not started.",
-                "INTERNAL",
-            )
+            raise RuntimeStopped(revision_name)
 
     def write_logs(self, entries: list[LogEntry]) -> None:
         try:
@@ -275,7 +303,7 @@ class Runtime:
             )
             self.write_logs([entry])
 
-        instance = Instance(plans, log_line)
+        instance = Instance(plans, log_line, self.root / PROCESS_RECORDS_DIR)
         logger.info("starting instance %s of %s", instance_id[:8], revision.name)
         instance.start()
         return instance
