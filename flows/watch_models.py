@@ -17,7 +17,7 @@ from prefect.logging import get_run_logger
 
 from tasks.clients import clients_for
 from tasks.config import RefreshRequest, load_config, parse_request
-from tasks.deploy import read_serving
+from tasks.deploy import read_serving, refresh_is_current
 
 NEW_REVISION_EVENT = "model-refresh.model.revision-published"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -47,12 +47,17 @@ def watch_models(request: RefreshRequest = DEFAULT_REQUEST) -> str | None:
     clients = clients_for(config.target)
 
     sha = resolve_head(request.repo_id, request.revision, clients.hub_endpoint)
-    serving = read_serving(clients, config.llm.name)
-    if serving is not None and serving.model_sha == sha:
+    # Both services must serve the sha: after a half-finished rollout only one does,
+    # and the refresh that the event starts completes it.
+    servings = [
+        read_serving(clients, name) for name in (config.llm.name, config.mcp.name)
+    ]
+    if all(refresh_is_current(serving, sha) for serving in servings):
         logger.info(
             "%s@%s is %s, which already serves", request.repo_id, request.revision, sha
         )
         return None
+    serving = servings[0]
 
     emit_event(
         event=NEW_REVISION_EVENT,
