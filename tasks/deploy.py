@@ -134,8 +134,10 @@ class Candidate:
     # Traffic before this rollout as (revision, percent, tag), which a rollback
     # restores. Empty when the service did not exist.
     traffic_before: tuple[tuple[str, int, str], ...] = ()
-    # Whether a promotion ever recorded a model sha on the service.
-    promoted_before: bool = False
+    # True when only unchecked candidates of this pipeline ever served: the service
+    # was created by this rollout, or it carries our managed-by label, no promoted
+    # model sha and no rollback tag. Only then may a rollback delete it.
+    unchecked_service: bool = False
 
 
 def service_name(clients: Clients, service_id: str) -> str:
@@ -458,15 +460,29 @@ def deploy_candidate(
         )
         _wait(clients, operation, name, revision)
         logger.info("Created service %s with revision %s", name, revision)
-        return _candidate(clients, name, revision, previous=None, created=True)
+        return _candidate(
+            clients,
+            name,
+            revision,
+            previous=None,
+            created=True,
+            unchecked_service=True,
+        )
 
     split = _current_split(current)
+    # A LATEST entry has no revision name, so it is recorded as the revision it
+    # serves now, as _current_split does.
+    latest = current.latest_ready_revision.rsplit("/", 1)[-1]
     traffic_before = tuple(
-        (status.revision, status.percent, status.tag)
+        (status.revision or latest, status.percent, status.tag)
         for status in current.traffic_statuses
-        if status.revision
+        if status.revision or latest
     )
-    promoted_before = LABEL_MODEL_SHA in current.labels
+    unchecked_service = (
+        current.labels.get(LABEL_MANAGED_BY) == "model-refresh"
+        and LABEL_MODEL_SHA not in current.labels
+        and all(tag != ROLLBACK_TAG for _, _, tag in traffic_before)
+    )
     serving = next((rev for rev, pct in split if pct == 100), None)
     previous = serving
     if serving == revision:
@@ -541,7 +557,7 @@ def deploy_candidate(
         previous=previous,
         created=not exists,
         traffic_before=traffic_before,
-        promoted_before=promoted_before,
+        unchecked_service=unchecked_service,
     )
 
 
@@ -762,7 +778,7 @@ def _candidate(
     previous: str | None,
     created: bool,
     traffic_before: tuple[tuple[str, int, str], ...] = (),
-    promoted_before: bool = False,
+    unchecked_service: bool = False,
 ) -> Candidate:
     service = clients.services.get_service(name=name)
     tag_url = next(
@@ -781,7 +797,7 @@ def _candidate(
         previous,
         created,
         traffic_before,
-        promoted_before,
+        unchecked_service,
     )
 
 
@@ -824,14 +840,26 @@ def promote(clients: Clients, candidate: Candidate) -> None:
 def roll_back(clients: Clients, candidate: Candidate) -> str:
     """Put the service back to what served before this rollout; return what it did.
 
-    - Traffic that reached another revision before the rollout is restored, tags
-      included, except the candidate tag.
-    - A candidate that already served all traffic after a promotion (a forced
-      redeploy) keeps it.
-    - A service that never had a promoted revision only ever served unchecked
-      candidates, so it is deleted. The next run deploys it afresh.
+    - A service on which only unchecked candidates of this pipeline ever served
+      (`Candidate.unchecked_service`) is deleted. The next run deploys it afresh.
+    - Otherwise traffic that reached another revision before the rollout is
+      restored, tags included, except the candidate tag.
+    - Otherwise the candidate served all traffic before this run (a forced
+      redeploy, or a service made by hand), and it keeps it.
     """
     logger = get_run_logger()
+    if candidate.unchecked_service:
+        # The deleted revisions' logs stay in Logging for diagnosis. NotFound means
+        # an earlier attempt of this rollback deleted the service already.
+        with contextlib.suppress(gexc.NotFound):
+            clients.services.delete_service(name=candidate.service).result(
+                timeout=OPERATION_TIMEOUT_SECONDS
+            )
+        logger.warning(
+            "Deleted %s: it never served a revision that passed the checks",
+            candidate.service,
+        )
+        return f"deleted {candidate.service}"
     others = [
         (revision, percent, tag)
         for revision, percent, tag in candidate.traffic_before
@@ -857,24 +885,12 @@ def roll_back(clients: Clients, candidate: Candidate) -> str:
             candidate.revision,
         )
         return f"restored {restored}"
-    if candidate.promoted_before:
-        logger.warning(
-            "%s served all traffic of %s before this run; it keeps it",
-            candidate.revision,
-            candidate.service,
-        )
-        return f"kept {candidate.revision}"
-    # The deleted revisions' logs stay in Logging for diagnosis. NotFound means an
-    # earlier attempt of this rollback deleted the service already.
-    with contextlib.suppress(gexc.NotFound):
-        clients.services.delete_service(name=candidate.service).result(
-            timeout=OPERATION_TIMEOUT_SECONDS
-        )
     logger.warning(
-        "Deleted %s: it never served a revision that passed the checks",
+        "%s served all traffic of %s before this run; it keeps it",
+        candidate.revision,
         candidate.service,
     )
-    return f"deleted {candidate.service}"
+    return f"kept {candidate.revision}"
 
 
 def _set_traffic(

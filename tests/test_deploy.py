@@ -17,6 +17,7 @@ import httpx
 import pytest
 from google.api_core import exceptions as gexc
 from google.cloud import run_v2, secretmanager_v1
+from google.protobuf import field_mask_pb2
 from prefect.logging import disable_run_logger
 
 from localcloud.registry import BASE_REPOSITORY, BASE_TAG
@@ -786,6 +787,97 @@ def test_in_use_versions_of_serving_revision(
 
     assert (key not in in_use) == reusable
     assert rollback_key in in_use
+
+
+LATEST = run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_LATEST
+
+
+def test_hand_made_service_survives_rollback(
+    clients: Clients, config: RefreshConfig, images: dict[str, str]
+) -> None:
+    settings = new_settings(config)
+    template = app_template(settings, images["a"], SHA_A)
+    template.revision = ""
+    # Created by hand, as `gcloud run deploy` does: no labels, LATEST traffic.
+    clients.services.create_service(
+        parent=clients.location,
+        service=run_v2.Service(template=template),
+        service_id=settings.name,
+    ).result(timeout=120)
+    # Its LATEST entry names no revision, so the rollback pins the one it served.
+    hand_made = service(clients, settings).latest_ready_revision.rsplit("/", 1)[-1]
+
+    candidate = deploy_candidate.fn(
+        clients, settings, app_template(settings, images["b"], SHA_B)
+    )
+    outcome = roll_back.fn(clients, candidate)
+
+    current = service(clients, settings)
+    assert outcome.startswith("restored ")
+    assert CANDIDATE_TAG not in tags(current)
+    assert split(current) == {hand_made: 100}
+
+
+def test_latest_traffic_restored_on_rollback(
+    clients: Clients, config: RefreshConfig, images: dict[str, str]
+) -> None:
+    settings = new_settings(config)
+    first = deploy_and_promote(
+        clients, settings, app_template(settings, images["a"], SHA_A)
+    )
+    clients.services.update_service(
+        service=run_v2.Service(
+            name=service(clients, settings).name,
+            traffic=[run_v2.TrafficTarget(type_=LATEST, percent=100)],
+        ),
+        update_mask=field_mask_pb2.FieldMask(paths=["traffic"]),
+    ).result(timeout=120)
+
+    candidate = deploy_candidate.fn(
+        clients, settings, app_template(settings, images["b"], SHA_B)
+    )
+    outcome = roll_back.fn(clients, candidate)
+
+    current = service(clients, settings)
+    assert outcome == f"restored {first.revision} 100%"
+    assert split(current) == {first.revision: 100}
+    assert CANDIDATE_TAG not in tags(current)
+
+
+def test_unchecked_revision_not_restored(
+    clients: Clients, config: RefreshConfig, images: dict[str, str]
+) -> None:
+    settings = new_settings(config)
+    # A first deploy that crashed before its checks: its revision serves unchecked.
+    deploy_candidate.fn(clients, settings, app_template(settings, images["a"], SHA_A))
+    candidate = deploy_candidate.fn(
+        clients, settings, app_template(settings, images["b"], SHA_B)
+    )
+
+    outcome = roll_back.fn(clients, candidate)
+
+    assert outcome == f"deleted {candidate.service}"
+    with pytest.raises(gexc.NotFound):
+        service(clients, settings)
+
+
+def test_relabelled_promoted_service_kept(
+    clients: Clients, config: RefreshConfig, images: dict[str, str]
+) -> None:
+    settings = new_settings(config)
+    template = app_template(settings, images["a"], SHA_A)
+    promoted = deploy_and_promote(clients, settings, template)
+    # Labels replaced by hand or by Terraform; the revision still passed the gate.
+    clients.services.update_service(
+        service=run_v2.Service(name=promoted.service, labels={"team": "ml"}),
+        update_mask=field_mask_pb2.FieldMask(paths=["labels"]),
+    ).result(timeout=120)
+
+    candidate = deploy_candidate.fn(clients, settings, template)
+    outcome = roll_back.fn(clients, candidate)
+
+    assert outcome == f"kept {promoted.revision}"
+    assert split(service(clients, settings)) == {promoted.revision: 100}
 
 
 def test_exiting_revision_error_names_cause(
