@@ -32,6 +32,7 @@ from tasks.clients import Clients
 from tasks.config import (
     PUBLIC_PRINCIPALS,
     LlmSettings,
+    LoadBalancerSettings,
     McpSettings,
     RefreshConfig,
     ServiceSettings,
@@ -773,23 +774,42 @@ def audit_alerting(
     ]
 
 
+_TLS_PROFILE_RANK = {"COMPATIBLE": 0, "MODERN": 1, "RESTRICTED": 2}
+_TLS_VERSION_RANK = {"TLS_1_0": 0, "TLS_1_1": 1, "TLS_1_2": 2, "TLS_1_3": 3}
+
+
 def audit_tls_policy(
-    proxy: str, ssl_policy: compute_v1.SslPolicy | None
+    proxy: str,
+    ssl_policy: compute_v1.SslPolicy | None,
+    settings: LoadBalancerSettings | None = None,
 ) -> CheckResult:
-    """Check the SSL policy of the load balancer's target HTTPS proxy."""
+    """Check the SSL policy of the load balancer's target HTTPS proxy.
+
+    The policy must be MODERN or RESTRICTED with TLS 1.2 or later, and, when
+    `settings` is given, at least as strict as its profile and min TLS version.
+    """
     if ssl_policy is None:
         passed = False
         evidence = f"{proxy}: no SSL policy attached (the default allows TLS 1.0)"
     else:
-        passed = (
-            ssl_policy.profile in _STRONG_TLS_PROFILES
-            and ssl_policy.min_tls_version in _STRONG_TLS_VERSIONS
-        )
+        profile = ssl_policy.profile or "COMPATIBLE"
+        version = ssl_policy.min_tls_version or "TLS_1_0"
+        passed = profile in _STRONG_TLS_PROFILES and version in _STRONG_TLS_VERSIONS
         evidence = (
-            f"{proxy}: policy {ssl_policy.name}, profile "
-            f"{ssl_policy.profile or 'COMPATIBLE'}, min TLS "
-            f"{ssl_policy.min_tls_version or 'TLS_1_0'}"
+            f"{proxy}: policy {ssl_policy.name}, profile {profile}, min TLS {version}"
         )
+        if settings is not None:
+            weaker = (
+                _TLS_PROFILE_RANK.get(profile, -1) < _TLS_PROFILE_RANK[settings.profile]
+                or _TLS_VERSION_RANK.get(version, -1)
+                < _TLS_VERSION_RANK[settings.min_tls_version]
+            )
+            if weaker:
+                passed = False
+                evidence += (
+                    f", weaker than the configured {settings.profile} and "
+                    f"{settings.min_tls_version}"
+                )
     return _result("edge.tls-policy", "load-balancer", passed, evidence)
 
 
@@ -1535,7 +1555,7 @@ def check_edge_tls(clients: Clients, config: RefreshConfig) -> list[CheckResult]
         return []
     try:
         proxy, policy = read_edge_tls(clients, config.load_balancer)
-        results = [audit_tls_policy(proxy, policy)]
+        results = [audit_tls_policy(proxy, policy, config.load_balancer)]
     except LoadBalancerError as exc:
         results = [_result("edge.tls-policy", "load-balancer", False, str(exc))]
     log_outcome("load balancer", results)

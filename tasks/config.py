@@ -11,6 +11,7 @@ import fnmatch
 import functools
 import math
 import re
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -464,7 +465,8 @@ class LlmSettings(ServiceSettings):
         if cpu < GPU_MIN_CPU:
             raise ValueError(
                 f"cpu {self.cpu!r} is too small for a GPU: Cloud Run needs at least "
-                f"{GPU_MIN_CPU:g} vCPU with a GPU (8 recommended for nvidia-l4)"
+                f"{GPU_MIN_CPU:g} vCPU with a GPU (8 recommended for nvidia-l4, "
+                "counting guard_cpu)"
             )
         if memory < GPU_MIN_MEMORY_GIB:
             raise ValueError(
@@ -906,6 +908,30 @@ def _may_match_weights(pattern: str) -> bool:
     )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that rejects a key repeated in one mapping.
+
+    PyYAML keeps the last value of a repeated key, so a second `llm:` section would
+    silently replace the first.
+    """
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader rejects an unhashable key itself
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"found the key {key!r} twice; keep one of them",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path) -> RefreshConfig:
     """Read and validate a target config file; ConfigError lists every problem."""
     file = Path(path)
@@ -932,11 +958,16 @@ def load_config(path: str | Path) -> RefreshConfig:
             "permissions"
         ) from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(
             f"target config {str(file)!r} is not valid YAML: {exc}"
         ) from exc
+    except RecursionError:
+        raise ConfigError(
+            f"target config {str(file)!r} nests too deeply to read: a target config "
+            "has at most a few levels, as in deployments/targets/local.yaml"
+        ) from None
     fields = RefreshConfig.model_fields
     sections = ", ".join(name for name, info in fields.items() if info.is_required())
     sections += " (optional: "

@@ -40,7 +40,12 @@ from tasks.checks import (
     leaks_canary,
     reachable_routes,
 )
-from tasks.config import RefreshConfig, ServiceSettings, load_config
+from tasks.config import (
+    LoadBalancerSettings,
+    RefreshConfig,
+    ServiceSettings,
+    load_config,
+)
 from tasks.deploy import INVOKER_ROLE, llm_template, mcp_template
 from tasks.secrets import SecretVersionRef
 
@@ -707,3 +712,30 @@ def test_evidence_never_contains_canary() -> None:
     evidence = " ".join(r.evidence for r in run_catalogue(case))
 
     assert CANARY not in evidence
+
+
+@pytest.mark.parametrize(
+    ("profile", "version", "passed"),
+    [
+        ("RESTRICTED", "TLS_1_3", True),
+        ("RESTRICTED", "TLS_1_2", False),
+        ("MODERN", "TLS_1_3", False),
+        ("MODERN", "TLS_1_2", False),
+    ],
+)
+def test_tls_policy_weaker_than_config_fails(
+    profile: str, version: str, passed: bool
+) -> None:
+    settings = LoadBalancerSettings(
+        target_https_proxy="edge-proxy",
+        profile="RESTRICTED",
+        min_tls_version="TLS_1_3",
+    )
+    policy = compute_v1.SslPolicy(
+        name="edge-tls", profile=profile, min_tls_version=version
+    )
+
+    result = audit_tls_policy("edge-proxy", policy, settings)
+
+    assert result.passed is passed
+    assert ("weaker than the configured" in result.evidence) is not passed

@@ -17,7 +17,7 @@ from tasks.config import (
     parse_request,
 )
 from tasks.errors import ConfigError
-from tests.conftest import local_target_data, write_target
+from tests.conftest import REPO_ROOT, local_target_data, write_target
 
 
 def _config_error(tmp_path: Path, change: Any) -> str:
@@ -531,3 +531,24 @@ def test_real_regions_accepted(tmp_path: Path, region: str) -> None:
     data["target"]["region"] = region
     config = load_config(write_target(tmp_path / "target.yaml", data))
     assert config.target.region == region
+
+
+def test_repeated_key_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "target.yaml"
+    text = (REPO_ROOT / "deployments" / "targets" / "local.yaml").read_text()
+    path.write_text(text + "\nreport_dir: other-reports\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    assert "'report_dir' twice" in str(caught.value)
+
+
+def test_deeply_nested_file_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "target.yaml"
+    path.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    assert "nests too deeply" in str(caught.value)
