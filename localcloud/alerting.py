@@ -238,28 +238,28 @@ class AlertEvaluator:
                 continue
             per_condition.append(self._violations(policy, condition, incidents, now))
 
-        wanted: dict[str, Violation] = {}
+        violating: dict[str, Violation] = {}
         if policy.combiner in (Combiner.AND, Combiner.AND_WITH_MATCHING_RESOURCE):
             # NOTE: AND_WITH_MATCHING_RESOURCE is evaluated as AND.
             if per_condition and all(per_condition):
                 first = next(iter(per_condition[0].values()))
-                wanted[f"{policy.name}|all"] = first
+                violating[f"{policy.name}|all"] = first
         else:
             for violations in per_condition:
                 for key, violation in violations.items():
-                    wanted[f"{policy.name}|{violation.condition.name}|{key}"] = (
+                    violating[f"{policy.name}|{violation.condition.name}|{key}"] = (
                         violation
                     )
 
         prefix = f"{policy.name}|"
-        for key, violation in wanted.items():
+        for key, violation in violating.items():
             if key not in incidents or incidents[key]["state"] != "open":
                 incidents[key] = self._open_threshold(policy, key, violation, now)
         for key, incident in incidents.items():
             if (
                 key.startswith(prefix)
                 and incident["state"] == "open"
-                and key not in wanted
+                and key not in violating
             ):
                 self._close(policy, key, incident, now, "the condition cleared")
 
@@ -472,8 +472,8 @@ class AlertEvaluator:
         self, policy: types.AlertPolicy, incident: dict[str, Any], state: str
     ) -> None:
         prompts = set(policy.alert_strategy.notification_prompts)
-        wanted = Prompt.OPENED if state == "open" else Prompt.CLOSED
-        if prompts and wanted not in prompts:
+        expected = Prompt.OPENED if state == "open" else Prompt.CLOSED
+        if prompts and expected not in prompts:
             return
         payload = _payload(policy, incident)
         for channel_name in policy.notification_channels:

@@ -31,6 +31,8 @@ from tasks.alerts import anomaly_rules, output_blocked_filter
 from tasks.clients import Clients
 from tasks.config import (
     PUBLIC_PRINCIPALS,
+    STRONG_TLS_PROFILES,
+    STRONG_TLS_VERSIONS,
     LlmSettings,
     LoadBalancerSettings,
     McpSettings,
@@ -70,8 +72,6 @@ _PRIVATE_INGRESS = (
     run_v2.IngressTraffic.INGRESS_TRAFFIC_INTERNAL_ONLY,
     run_v2.IngressTraffic.INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER,
 )
-_STRONG_TLS_PROFILES = ("MODERN", "RESTRICTED")
-_STRONG_TLS_VERSIONS = ("TLS_1_2", "TLS_1_3")
 _GPU_LIMIT = "nvidia.com/gpu"
 _LATEST = run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_LATEST
 
@@ -794,7 +794,7 @@ def audit_tls_policy(
     else:
         profile = ssl_policy.profile or "COMPATIBLE"
         version = ssl_policy.min_tls_version or "TLS_1_0"
-        passed = profile in _STRONG_TLS_PROFILES and version in _STRONG_TLS_VERSIONS
+        passed = profile in STRONG_TLS_PROFILES and version in STRONG_TLS_VERSIONS
         evidence = (
             f"{proxy}: policy {ssl_policy.name}, profile {profile}, min TLS {version}"
         )
@@ -1500,7 +1500,7 @@ def check_llm_guard(
             clients, settings, url, revision, id_token, api_key, canary
         )
     else:
-        # A revision that cannot answer one chat request fails the gate anyway, and
+        # A revision that fails one chat request fails the gate anyway, and
         # on a hung one each request of the battery would wait out its own timeout.
         results = [chat, *guard_not_run(settings.name, chat.evidence)]
     log_outcome(f"{settings.name} guard", results)

@@ -54,7 +54,7 @@ MEMORY_RANGE_GIB: dict[float, tuple[float, float]] = {
     6.0: (4.0, 24.0),
     8.0: (4.0, 32.0),
 }
-# The port of the first container of each service (tasks.deploy.INGRESS_PORT).
+# The port of the first container of each service; tasks.deploy deploys with it.
 INGRESS_CONTAINER_PORT = 8080
 # Product limits, not Cloud Run's, for values that later become a timedelta or an int
 # of bytes, so no conversion overflows.

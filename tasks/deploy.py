@@ -29,6 +29,7 @@ from prefect.logging import get_run_logger
 
 from tasks.clients import Clients
 from tasks.config import (
+    INGRESS_CONTAINER_PORT,
     LlmSettings,
     McpSettings,
     RefreshConfig,
@@ -40,7 +41,7 @@ from tasks.secrets import SecretVersionRef
 
 CANDIDATE_TAG = "candidate"
 ROLLBACK_TAG = "rollback"
-INGRESS_PORT = 8080
+INGRESS_PORT = INGRESS_CONTAINER_PORT
 MODEL_DIR = "/models/model"
 LABEL_MODEL_SHA = "model-sha"
 LABEL_IMAGE_DIGEST = "image-digest"
@@ -927,13 +928,13 @@ def set_invokers(clients: Clients, settings: ServiceSettings) -> None:
         if binding.role == INVOKER_ROLE:
             continue
         if binding.role in INVOKE_ROLES and not binding.HasField("condition"):
-            kept = [m for m in binding.members if m in settings.invokers]
+            allowed = [m for m in binding.members if m in settings.invokers]
             removed += [
-                f"{m} ({binding.role})" for m in binding.members if m not in kept
+                f"{m} ({binding.role})" for m in binding.members if m not in allowed
             ]
-            if not kept:
+            if not allowed:
                 continue
-            binding = policy_pb2.Binding(role=binding.role, members=kept)
+            binding = policy_pb2.Binding(role=binding.role, members=allowed)
         bindings.append(binding)
     current = sorted(
         m for b in policy.bindings if b.role == INVOKER_ROLE for m in b.members

@@ -41,7 +41,7 @@ def blob_upload_mode(target: Target) -> str:
     """Return how new layers go up: `streamed` saves a pass over the weights.
 
     Artifact Registry documents monolithic uploads only, so a GCP target streams only
-    when its config asks for it.
+    when its config sets `blob_uploads: streamed`.
     """
     if target.blob_uploads is not None:
         return target.blob_uploads

@@ -470,12 +470,6 @@ def test_engine_port_out_of_range_rejected(tmp_path: Path, port: int) -> None:
     assert f"got {port}" in message
 
 
-def test_ingress_port_matches_deploy() -> None:
-    from tasks.deploy import INGRESS_PORT
-
-    assert INGRESS_CONTAINER_PORT == INGRESS_PORT
-
-
 @pytest.mark.parametrize(
     ("section", "allowed"),
     [

@@ -638,7 +638,7 @@ def test_non_loopback_webhook_is_never_contacted(
     grpc_host, grpc_port = cloud.grpc_address.rsplit(":", 1)
     connections.active = True
     try:
-        # A connection of our own shows that the recorder sees connections.
+        # A connection of our own shows that the recorder records connections.
         socket.create_connection((grpc_host, int(grpc_port)), timeout=5).close()
         write_entries(clients, project, [{"event": "output_blocked"}])
         wait_until(lambda: notifications(cloud, policy), "the email notification")

@@ -176,7 +176,7 @@ def test_canary_never_reaches_logs(
 
 
 class HungServer:
-    """A loopback TCP server that accepts connections and never answers."""
+    """A loopback TCP server that accepts connections and never sends a response."""
 
     def __init__(self) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
